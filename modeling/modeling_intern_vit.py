@@ -1,0 +1,224 @@
+"""InternViT-6B as NVLM-D uses it: dummy heads, whole-vector QK-norm, layer scale.
+
+Copied verbatim next to converted weights as remote code: imports only torch, transformers and
+the sibling configuration file.
+
+Shapes for the 72B release (C = 3200 real channels, 25 real + 7 dummy heads of 128):
+    qkv.weight [3 * 32 * 128, C]   rows in blocks [Q of all heads; K; V], dummy heads last
+    q_norm / k_norm weight [32 * 128]
+    proj.weight [C, 32 * 128]      the dummy heads' columns are zero
+The dummy heads are exactly zero, so they add nothing: their q, k, v are 0, their attention
+output is 0, and the QK-norm statistics are taken over the real channels only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_nvlm_d import InternVisionConfig
+
+
+class InternRMSNorm(nn.Module):
+    """RMSNorm computed in float32. `variance` may be given precomputed (QK-norm over real channels)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        if variance is None:
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return hidden_states.to(input_dtype) * self.weight
+
+
+class InternVisionEmbeddings(nn.Module):
+    """Conv patchify, prepend the class token, add the learned position embedding."""
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.num_patches = (config.image_size // config.patch_size) ** 2
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_patches + 1, self.embed_dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype))  # [B, C, h, w]
+        patches = patches.flatten(2).transpose(1, 2)  # [B, h*w, C], row-major over the grid
+        cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.to(dtype)
+
+
+class InternAttention(nn.Module):
+    """Multi-head self-attention over real + dummy heads, with QK-norm over the whole Q/K vector."""
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size  # real channels
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_padded_heads  # real + dummy
+        self.padded_dim = self.num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(self.embed_dim, 3 * self.padded_dim, bias=config.qkv_bias)
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:
+            self.q_norm = InternRMSNorm(self.padded_dim, eps=config.layer_norm_eps)
+            self.k_norm = InternRMSNorm(self.padded_dim, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(self.padded_dim, self.embed_dim)
+
+    def _qk_norm(self, x: torch.Tensor, norm: InternRMSNorm) -> torch.Tensor:
+        # x: [B, N, heads*head_dim]. The mean of squares runs over the real channels only: the sum of
+        # squares of the real heads divided by the real width (dummy heads are zero and must not
+        # dilute it). Megatron computes the same sum across TP ranks.
+        variance = x[..., : self.embed_dim].float().pow(2).sum(-1, keepdim=True) / self.embed_dim
+        return norm(x, variance=variance)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        B, N, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states).split(self.padded_dim, dim=-1)
+        if self.qk_normalization:
+            q, k = self._qk_norm(q, self.q_norm), self._qk_norm(k, self.k_norm)
+        # [B, N, H*D] -> [B, H, N, D]
+        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+
+        if self.config._attn_implementation == "eager":
+            weights = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+            context = weights @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+
+        context = context.transpose(1, 2).reshape(B, N, self.padded_dim)
+        return self.proj(context)
+
+
+class InternMLP(nn.Module):
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(hidden_states)))  # exact (erf) GELU
+
+
+class InternVisionEncoderLayer(nn.Module):
+    """Pre-norm block; layer scale multiplies each branch output (after its bias) before the add."""
+
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.norm1 = InternRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = InternAttention(config)
+        self.norm2 = InternRMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = InternMLP(config)
+        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states)) * self.ls1
+        return hidden_states + self.mlp(self.norm2(hidden_states)) * self.ls2
+
+
+class InternVisionEncoder(nn.Module):
+    def __init__(self, config: InternVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(InternVisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden_states: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutput:
+        all_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+            if output_hidden_states:
+                all_states = all_states + (hidden_states,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_states)
+
+
+class InternVisionPreTrainedModel(PreTrainedModel):
+    config_class = InternVisionConfig
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+    _no_split_modules = ["InternVisionEncoderLayer"]
+    # InternAttention reads config._attn_implementation at every call, so switching is safe.
+    _can_set_attn_implementation_cached_value = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        config = self.config
+        std = config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, InternRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, InternVisionEmbeddings):
+            nn.init.normal_(module.class_embedding, std=std)
+            nn.init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, InternVisionEncoderLayer):
+            nn.init.constant_(module.ls1, config.initializer_factor)
+            nn.init.constant_(module.ls2, config.initializer_factor)
+            # (Here rather than on InternAttention, which owns no parameter and is skipped by transformers.)
+            # Fresh weights only: loaded weights are never edited (a non-zero dummy head is an error
+            # the converter reports, not something to hide).
+            if not getattr(module.attn.qkv.weight, "_is_hf_initialized", False):
+                zero_dummy_heads(module.attn)
+
+
+def zero_dummy_heads(attn: InternAttention) -> None:
+    """Set the dummy heads' q/k/v rows, norm entries and proj columns to exactly zero."""
+    real = attn.embed_dim
+    with torch.no_grad():
+        qkv = attn.qkv.weight.view(3, attn.padded_dim, -1)
+        qkv[:, real:].zero_()
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.view(3, attn.padded_dim)[:, real:].zero_()
+        if attn.qk_normalization:
+            attn.q_norm.weight[real:].zero_()
+            attn.k_norm.weight[real:].zero_()
+        attn.proj.weight[:, real:].zero_()
+
+
+class InternVisionModel(InternVisionPreTrainedModel):
+    def __init__(self, config: InternVisionConfig):
+        super().__init__(config)
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_embeds: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """`hidden_states` (when asked for) holds the embeddings, then each layer's output."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if pixel_embeds is None:
+            if pixel_values is None or pixel_values.dim() != 4:
+                shape = None if pixel_values is None else tuple(pixel_values.shape)
+                raise ValueError(f"pixel_values must be [tiles, channels, height, width], got {shape}")
+            pixel_embeds = self.embeddings(pixel_values)
+        encoded = self.encoder(pixel_embeds, output_hidden_states=output_hidden_states)
+        last = encoded.last_hidden_state
+        if not return_dict:
+            return tuple(t for t in (last, last[:, 0], encoded.hidden_states) if t is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last, pooler_output=last[:, 0], hidden_states=encoded.hidden_states
+        )

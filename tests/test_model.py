@@ -1,0 +1,230 @@
+"""NVLM_D_Model as a whole: the release's layout, its signatures, generation, and portability."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO, reference_file
+from PIL import Image
+from transformers import AutoModel, AutoModelForCausalLM
+
+from modeling import NVLM_D_Model, get_config
+from modeling.processing_nvlm_d import image_to_pixel_values
+
+GREEDY = dict(max_new_tokens=6, do_sample=False)
+
+
+def test_72b_layout_matches_release():
+    """The nvlm-d-72b preset on the meta device has exactly the release's 1556 names and shapes."""
+    rows = reference_file("tensors.tsv").read_text().splitlines()[1:]
+    expected = {}
+    for row in rows:
+        name, shape, _dtype, _shard = row.split("\t")
+        expected[name] = tuple(int(s) for s in shape.split(","))
+    assert len(expected) == 1556
+    with torch.device("meta"):
+        model = NVLM_D_Model(get_config("nvlm-d-72b"))
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert sorted(set(expected) - set(ours)) == [], "names missing from our class"
+    assert sorted(set(ours) - set(expected)) == [], "names the release does not have"
+    wrong = {n: (ours[n], expected[n]) for n in expected if ours[n] != expected[n]}
+    assert not wrong
+    index = json.loads(reference_file("model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours)
+    assert sum(t.numel() for t in model.state_dict().values()) == 79_379_593_344
+
+
+def test_published_signatures_kept():
+    forward = list(inspect.signature(NVLM_D_Model.forward).parameters)
+    assert forward[:12] == [
+        "self",
+        "pixel_values",
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "image_flags",
+        "past_key_values",
+        "labels",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    ]
+    chat = list(inspect.signature(NVLM_D_Model.chat).parameters)
+    assert chat == [
+        "self",
+        "tokenizer",
+        "pixel_values",
+        "question",
+        "generation_config",
+        "history",
+        "return_history",
+        "num_patches_list",
+        "IMG_START_TOKEN",
+        "IMG_END_TOKEN",
+        "IMG_CONTEXT_TOKEN",
+        "verbose",
+        "visual_features",
+    ]
+    generate = list(inspect.signature(NVLM_D_Model.generate).parameters)
+    assert generate[:8] == [
+        "self",
+        "pixel_values",
+        "input_ids",
+        "attention_mask",
+        "visual_features",
+        "generation_config",
+        "output_hidden_states",
+        "return_dict",
+    ]
+
+
+def test_auto_classes_build_our_model():
+    config = get_config("tiny")
+    assert isinstance(AutoModel.from_config(config), NVLM_D_Model)
+    assert isinstance(AutoModelForCausalLM.from_config(config), NVLM_D_Model)
+
+
+def _image_prompt(model, tokenizer, tiles: int):
+    from modeling import build_prompt
+
+    prompt = build_prompt("What is shown?", [tiles], model.num_image_token)
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def test_forward_with_image_flags_and_labels(tiny_model, tiny_tokenizer):
+    inputs = _image_prompt(tiny_model, tiny_tokenizer, 3)
+    pixels = torch.randn(4, 3, 64, 64)
+    flags = torch.tensor([[1], [1], [0], [1]])  # the release's padding tiles: flag 0 drops a tile
+    with torch.no_grad():
+        flagged = tiny_model(
+            pixel_values=pixels, input_ids=inputs.input_ids, image_flags=flags, labels=inputs.input_ids
+        )
+        plain = tiny_model(pixel_values=pixels[[0, 1, 3]], input_ids=inputs.input_ids)
+    torch.testing.assert_close(flagged.logits, plain.logits, rtol=0, atol=0)
+    assert flagged.loss is not None and torch.isfinite(flagged.loss)
+    as_tuple = tiny_model(pixel_values=pixels[[0, 1, 3]], input_ids=inputs.input_ids, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], plain.logits, rtol=0, atol=0)
+
+
+def test_generate_continues_the_forward_argmax(tiny_model, tiny_tokenizer):
+    """generate() runs on transformers 5 and its first token is the argmax of the forward logits."""
+    inputs = _image_prompt(tiny_model, tiny_tokenizer, 2)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = tiny_model(pixel_values=pixels, input_ids=inputs.input_ids).logits
+    out = tiny_model.generate(
+        pixel_values=pixels,
+        input_ids=inputs.input_ids,
+        attention_mask=inputs.attention_mask,
+        max_new_tokens=4,
+        do_sample=False,
+    )
+    assert out.shape == (1, 4) or (out.shape[0] == 1 and out.shape[1] <= 4)
+    assert out[0, 0].item() == logits[0, -1].argmax().item()
+
+
+def test_chat_history_and_batch_chat(tiny_model, tiny_tokenizer):
+    image = Image.new("RGB", (128, 64), (200, 30, 30))
+    pixels = image_to_pixel_values(image, image_size=64, max_num=6)
+    assert pixels.shape[0] == 3  # 2 tiles + thumbnail
+    answer, history = tiny_model.chat(
+        tiny_tokenizer, pixels, "What colour is this?", dict(GREEDY), return_history=True
+    )
+    assert isinstance(answer, str) and history == [("What colour is this?", answer)]
+    follow_up = tiny_model.chat(tiny_tokenizer, None, "Are you sure?", dict(GREEDY), history=history)
+    assert isinstance(follow_up, str)
+    single = [
+        tiny_model.chat(tiny_tokenizer, pixels, "What colour is this?", dict(GREEDY)),
+        tiny_model.chat(tiny_tokenizer, pixels[:1], "And this one?", dict(GREEDY)),
+        tiny_model.chat(tiny_tokenizer, None, "Say something.", dict(GREEDY)),
+    ]
+    batched = tiny_model.batch_chat(
+        tiny_tokenizer,
+        torch.cat([pixels, pixels[:1]]),
+        ["What colour is this?", "And this one?", "Say something."],
+        dict(GREEDY),
+        num_patches_list=[3, 1, 0],
+    )
+    assert batched == single  # left padding changes nothing
+    with pytest.raises(ValueError):  # one <image> marker, two images
+        tiny_model.chat(tiny_tokenizer, pixels, "<image>\nCompare.", dict(GREEDY), num_patches_list=[2, 1])
+
+
+def test_save_and_load_in_process(tiny_model, tiny_tokenizer, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    for name in (
+        "configuration_nvlm_d.py",
+        "modeling_nvlm_d.py",
+        "modeling_intern_vit.py",
+        "processing_nvlm_d.py",
+        "config.json",
+    ):
+        assert (tmp_path / name).exists(), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+        "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+        "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+    }
+    loaded = NVLM_D_Model.from_pretrained(tmp_path).eval()
+    inputs = _image_prompt(tiny_model, tiny_tokenizer, 1)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = tiny_model(pixel_values=pixels, input_ids=inputs.input_ids).logits
+        b = loaded(pixel_values=pixels, input_ids=inputs.input_ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+REMOTE_CHECK = textwrap.dedent(
+    """
+    import importlib.util, sys
+    # No nvlm-port on the path: drop the repo and the editable-install finder, then prove it.
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", REPO)]
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                        and "editable" not in type(f).__module__]
+    for name in ("modeling", "converter", "mappings"):
+        assert importlib.util.find_spec(name) is None, name + " is importable"
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+    inputs = torch.load(FOLDER + "/inputs.pt")
+    with torch.no_grad():
+        logits = model(pixel_values=inputs["pixels"], input_ids=inputs["ids"]).logits
+    torch.save(logits, FOLDER + "/remote_logits.pt")
+    print(model.chat(tokenizer, inputs["pixels"], "What is shown?", dict(max_new_tokens=4, do_sample=False)))
+    """
+)
+
+
+@pytest.mark.slow
+def test_remote_code_loads_without_nvlm_port(tiny_model, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "hf"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    inputs = _image_prompt(tiny_model, tiny_tokenizer, 3)
+    pixels = torch.randn(3, 3, 64, 64)
+    torch.save({"pixels": pixels, "ids": inputs.input_ids}, folder / "inputs.pt")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    script = f"REPO = {str(REPO)!r}\nFOLDER = {str(folder)!r}\n" + REMOTE_CHECK
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with torch.no_grad():
+        ours = tiny_model(pixel_values=pixels, input_ids=inputs.input_ids).logits
+    torch.testing.assert_close(torch.load(folder / "remote_logits.pt"), ours, rtol=0, atol=0)
