@@ -77,6 +77,12 @@ class InternAttention(nn.Module):
             self.q_norm = InternRMSNorm(self.padded_dim, eps=config.layer_norm_eps)
             self.k_norm = InternRMSNorm(self.padded_dim, eps=config.layer_norm_eps)
         self.proj = nn.Linear(self.padded_dim, self.embed_dim)
+        # Where the dummy heads sit, so that random initialisation can zero them (see _init_weights).
+        self.qkv.dummy_heads = ("qkv_rows", self.embed_dim, self.padded_dim)
+        self.proj.dummy_heads = ("proj_cols", self.embed_dim, self.padded_dim)
+        if self.qk_normalization:
+            self.q_norm.dummy_heads = ("norm", self.embed_dim, self.padded_dim)
+            self.k_norm.dummy_heads = ("norm", self.embed_dim, self.padded_dim)
 
     def _qk_norm(self, x: torch.Tensor, norm: InternRMSNorm) -> torch.Tensor:
         # x: [B, N, heads*head_dim]. The mean of squares runs over the real channels only: the sum of
@@ -168,25 +174,26 @@ class InternVisionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, InternVisionEncoderLayer):
             nn.init.constant_(module.ls1, config.initializer_factor)
             nn.init.constant_(module.ls2, config.initializer_factor)
-            # (Here rather than on InternAttention, which owns no parameter and is skipped by transformers.)
-            # Fresh weights only: loaded weights are never edited (a non-zero dummy head is an error
-            # the converter reports, not something to hide).
-            if not getattr(module.attn.qkv.weight, "_is_hf_initialized", False):
-                zero_dummy_heads(module.attn)
+        zero_dummy_heads(module)
 
 
-def zero_dummy_heads(attn: InternAttention) -> None:
-    """Set the dummy heads' q/k/v rows, norm entries and proj columns to exactly zero."""
-    real = attn.embed_dim
-    with torch.no_grad():
-        qkv = attn.qkv.weight.view(3, attn.padded_dim, -1)
-        qkv[:, real:].zero_()
-        if attn.qkv.bias is not None:
-            attn.qkv.bias.view(3, attn.padded_dim)[:, real:].zero_()
-        if attn.qk_normalization:
-            attn.q_norm.weight[real:].zero_()
-            attn.k_norm.weight[real:].zero_()
-        attn.proj.weight[:, real:].zero_()
+def zero_dummy_heads(module: nn.Module) -> None:
+    """Zero the dummy-head part of a freshly initialised qkv / proj / q_norm / k_norm.
+
+    Weights loaded from a checkpoint are never edited (a non-zero dummy head there is an error the
+    converter reports, not something to hide)."""
+    dummy = getattr(module, "dummy_heads", None)
+    if dummy is None or getattr(module.weight, "_is_hf_initialized", False):
+        return
+    kind, real, padded = dummy
+    if kind == "qkv_rows":  # [Q; K; V] blocks of `padded` rows, dummy rows last in each
+        module.weight.view(3, padded, -1)[:, real:].zero_()
+        if module.bias is not None:
+            module.bias.view(3, padded)[:, real:].zero_()
+    elif kind == "proj_cols":
+        module.weight[:, real:].zero_()
+    else:  # "norm"
+        module.weight[real:].zero_()
 
 
 class InternVisionModel(InternVisionPreTrainedModel):
