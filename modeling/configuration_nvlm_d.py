@@ -116,7 +116,9 @@ class NVLM_D_Config(PretrainedConfig):
     """NVLM-D: vision tower, pixel shuffle, `mlp1` projector and a Qwen2 language model."""
 
     model_type = "NVLM_D"
-    sub_configs_defaults = {"vision_config": InternVisionConfig, "llm_config": Qwen2Config}
+    # The sub-configs are built in __post_init__ (works on every transformers 5.x); this map tells
+    # transformers which attributes are sub-configs (attention implementation, serialisation).
+    sub_configs = {"vision_config": InternVisionConfig, "llm_config": Qwen2Config}
 
     vision_config: dict | PretrainedConfig | None = None
     llm_config: dict | PretrainedConfig | None = None
@@ -137,6 +139,10 @@ class NVLM_D_Config(PretrainedConfig):
     def __post_init__(self, **kwargs):
         self._legacy_source = {k: kwargs[k] for k in ("torch_dtype",) if k in kwargs}
         self._llm_source = None
+        if self.vision_config is None or isinstance(self.vision_config, dict):
+            self.vision_config = InternVisionConfig(**(self.vision_config or {}))
+        if self.llm_config is None:
+            self.llm_config = {}
         if isinstance(self.llm_config, dict):
             # transformers edits the dict it is given (rope standardisation): work on a copy.
             self.llm_config = copy.deepcopy(self.llm_config)
@@ -147,6 +153,7 @@ class NVLM_D_Config(PretrainedConfig):
                     f"llm_config.architectures[0] is {architectures[0]!r}; NVLM-D supports "
                     f"{', '.join(SUPPORTED_LLM_ARCHITECTURES)}"
                 )
+            self.llm_config = Qwen2Config(**self.llm_config)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
 

@@ -122,3 +122,12 @@ def get_config(name: str, **overrides: Any) -> NVLM_D_Config:
         else:
             spec[key] = value
     return NVLM_D_Config(**spec)
+
+
+# Entries of each preset's tokenizer (the embedding has more rows: padding). Megatron pads its
+# vocabulary from this number (make_vocab_size_divisible_by x TP), not from the HF row count.
+TOKENIZER_SIZES = {"nvlm-d-72b": 151665, "tiny": 1000}
+
+
+def tokenizer_size(name: str) -> int:
+    return TOKENIZER_SIZES[name]

@@ -33,3 +33,31 @@ def tiny_model():
 
     torch.manual_seed(0)
     return NVLM_D_Model(get_config("tiny")).eval()
+
+
+def make_megatron_checkpoint(out: Path, *args: str) -> Path:
+    """Run scripts/make_megatron_checkpoint.py (the real CLI) into `out`."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "scripts" / "make_megatron_checkpoint.py"), *args, str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+def tiny_inputs(tokenizer):
+    """A text prompt and a 3-tile (2 tiles + thumbnail) image prompt, as ids + pixels."""
+    from modeling import build_prompt, get_config
+
+    config = get_config("tiny")
+    text = tokenizer(
+        build_prompt("Write a long sentence about red circles and blue squares.", [], config.num_image_token),
+        return_tensors="pt",
+    ).input_ids
+    image = tokenizer(
+        build_prompt("What is shown?", [3], config.num_image_token), return_tensors="pt"
+    ).input_ids
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(3, 3, 64, 64, generator=generator)
+    return [{"input_ids": text, "pixel_values": None}, {"input_ids": image, "pixel_values": pixels}]

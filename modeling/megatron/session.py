@@ -1,0 +1,122 @@
+"""One rank's Megatron NVLM-D model, from a seed or from a legacy checkpoint, and forward jobs.
+
+`run_ranks(forward_rank, layout, ForwardJob(...))` builds the model on every rank, runs the
+same inputs the Hugging Face class gets, and returns rank 0's outputs (see runner.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from .args import config_from_args
+from .builder import ParallelLayout, build_llava, padded_vocab_size
+from .checkpoint import iteration_dir, load_legacy_state, rank_dir_name, te_names
+from .runner import MegatronRunner
+from .weights import fill_seeded_weights
+
+
+@dataclass
+class ModelSource:
+    """Seeded weights of a preset, or a legacy checkpoint folder."""
+
+    preset: str | None = None
+    overrides: dict = field(default_factory=dict)
+    seed: int = 1234
+    divisible_by: int = 128
+    checkpoint: str | None = None
+
+
+@dataclass
+class ForwardJob:
+    source: ModelSource
+    layout: ParallelLayout
+    cases: list[dict]  # each {"input_ids": [b, s], "pixel_values": [tiles, 3, H, W] or None}
+    dtype: str = "float32"
+    collect_layers: bool = False
+    native: list[dict] = field(default_factory=list)  # {"input_ids", "pixel_values", "num_tiles"}
+    tile_tag_ids: list[list[int]] | None = None
+    image_token_id: int | None = None  # default: the config's img_context_token_id
+
+
+def read_args(checkpoint: str | Path) -> argparse.Namespace:
+    root = Path(checkpoint)
+    iteration = int((root / "latest_checkpointed_iteration.txt").read_text().strip())
+    rank0 = iteration_dir(root, iteration) / rank_dir_name(0, 0, 1)
+    if not rank0.exists():
+        rank0 = iteration_dir(root, iteration) / rank_dir_name(0, 0, 2)
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return torch.load(rank0 / "model_optim_rng.pt", map_location="meta", weights_only=True)["args"]
+
+
+def build_rank_model(source: ModelSource, layout: ParallelLayout, dtype: torch.dtype, tile_tag_ids=None):
+    """This rank's LLaVAModel with its weights, its NVLM_D_Config, and the true vocab size."""
+    from ..presets import get_config, tokenizer_size
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    cpu = not torch.cuda.is_available()
+    if source.checkpoint:
+        args = read_args(source.checkpoint)
+        if (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) != (layout.tp, layout.pp):
+            raise ValueError(
+                f"{source.checkpoint} was saved at TP={args.tensor_model_parallel_size} "
+                f"PP={args.pipeline_model_parallel_size}; run it with that layout"
+            )
+        config, vocab, padded = config_from_args(args), args.vocab_size, args.padded_vocab_size
+    else:
+        config = get_config(source.preset, **source.overrides)
+        vocab = tokenizer_size(source.preset)
+        padded = padded_vocab_size(vocab, layout.tp, source.divisible_by)
+    model = build_llava(
+        config,
+        layout,
+        pp_rank=pp_rank,
+        vocab_size=padded,
+        tile_tag_ids=tile_tag_ids,
+        image_token_index=config.img_context_token_id if config.img_context_token_id is not None else 0,
+        dtype=dtype,
+        cpu=cpu,
+    )
+    if source.checkpoint:
+        state = load_legacy_state(
+            source.checkpoint,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            pp_rank=pp_rank,
+            pp=layout.pp,
+        )
+        if _uses_te(model):
+            state = te_names(state)
+        model.load_state_dict(state, strict=True)
+    else:
+        fill_seeded_weights(model, config, vocab_real=vocab, seed=source.seed)
+    if not cpu:
+        model.cuda()
+    return model, config, vocab
+
+
+def _uses_te(model) -> bool:
+    return any(name.endswith("linear_qkv.layer_norm_weight") for name in model.state_dict())
+
+
+def forward_rank(rank: int, job: ForwardJob) -> dict | None:
+    dtype = getattr(torch, job.dtype)
+    model, config, vocab = build_rank_model(job.source, job.layout, dtype, job.tile_tag_ids)
+    device = (
+        torch.device("cpu")
+        if not torch.cuda.is_available()
+        else torch.device("cuda", torch.cuda.current_device())
+    )
+    image_token = job.image_token_id if job.image_token_id is not None else config.img_context_token_id
+    if image_token is None:
+        raise ValueError("the image placeholder id is unknown: pass ForwardJob.image_token_id")
+    runner = MegatronRunner(model, image_token_id=image_token, true_vocab=vocab, device=device)
+    outputs = [
+        runner.forward(case["input_ids"], case.get("pixel_values"), collect_layers=job.collect_layers)
+        for case in job.cases
+    ]
+    native = [runner.forward_native(c["input_ids"], c["pixel_values"], c["num_tiles"]) for c in job.native]
+    return {"outputs": outputs, "native": native} if rank == 0 else None
