@@ -1,16 +1,310 @@
-"""`convert-checkpoint`: Megatron-Core <-> Hugging Face conversion of NVLM-D checkpoints."""
+"""`convert-checkpoint`: Megatron-Core <-> Hugging Face conversion of NVLM-D (and Qwen2) checkpoints."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
 import click
+import torch
+
+from .errors import ConversionError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Turns ConversionError into one clear line on stderr and exit status 2 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConversionError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nvlm-port")
 def main() -> None:
     """Convert NVLM-D checkpoints between Megatron-Core (legacy `torch` and `torch_dist`, any TP/PP)
-    and Hugging Face safetensors that load into the NVLM_D model class.
+    and Hugging Face safetensors that load into the NVLM_D model class (and plain Qwen2 GPT
+    checkpoints into Qwen2ForCausalLM). Output folders appear only when complete."""
 
-    The conversion commands (megatron-to-hf, hf-to-megatron, reshard, inspect, verify) are not
-    implemented yet.
-    """
+
+def _tokenizer_info(folder: Path | None) -> int | None:
+    """Validate a tokenizer folder; return its <|vision_pad|> id (None without one)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: tokenizer folder does not exist")
+    if not (folder / "tokenizer_config.json").exists() or not (
+        (folder / "tokenizer.json").exists()
+        or ((folder / "vocab.json").exists() and (folder / "merges.txt").exists())
+    ):
+        raise ConversionError(
+            f"{folder}: not a tokenizer folder (needs tokenizer_config.json and tokenizer.json, "
+            "or vocab.json + merges.txt)"
+        )
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ConversionError(
+            f"{folder}: the tokenizer does not load ({type(exc).__name__}: {exc})"
+        ) from None
+    pad = tokenizer.convert_tokens_to_ids("<|vision_pad|>")
+    return pad if isinstance(pad, int) and pad != tokenizer.unk_token_id else None
+
+
+def _dtype_policy(choice: str, family):
+    if choice == "official":
+        return lambda name, source: family.official_dtype(name)
+    if choice == "source":
+        return lambda name, source: source
+    return lambda name, source, fixed=DTYPES[choice]: fixed
+
+
+def _convert_to_hf(
+    src,
+    dst,
+    tokenizer,
+    no_tokenizer,
+    dtype,
+    max_shard_size,
+    dry_run,
+    plan_json,
+    iteration,
+    trust_pickle,
+    overwrite,
+    check_finite,
+):
+    from .engine import atomic_folder, execute_megatron_to_hf, open_megatron, plan_megatron_to_hf
+    from .families import family_for_args
+    from .formats.safetensors_stream import assign_shards, parse_size, shard_names
+
+    if tokenizer is None and not no_tokenizer and not dry_run:
+        raise click.UsageError("--tokenizer DIR is required (or pass --no-tokenizer)")
+    ckpt = open_megatron(src, iteration=iteration, trust_pickle=trust_pickle)
+    if ckpt.note:
+        click.echo(f"note: {ckpt.note}", err=True)
+    image_token = _tokenizer_info(tokenizer)
+    family = family_for_args(ckpt.args)
+    config = family.hf_config(ckpt.args, image_token_id=image_token)
+    table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
+    steps = plan_megatron_to_hf(ckpt, table, family.expected(config), _dtype_policy(dtype, family))
+    limit = parse_size(max_shard_size)
+    planned = [t for s in steps for t in s.targets]
+    shards = assign_shards(planned, limit)
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for t in planned)
+    click.echo(
+        f"{src}: {ckpt.format}, TP={ckpt.tp} PP={ckpt.pp}, {family.name}: {len(steps)} source tensors -> "
+        f"{len(planned)} HF tensors, {total:,} bytes in {len(shards)} shard(s)"
+    )
+    if plan_json:
+        plan = {
+            "tensors": {
+                t.name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "shard": name}
+                for shard, name in zip(shards, names)
+                for t in shard
+            },
+            "total_size": total,
+        }
+        Path(plan_json).write_text(json.dumps(plan, indent=1) + "\n")
+    if dry_run:
+        return
+    with atomic_folder(Path(dst), overwrite=overwrite) as folder:
+        execute_megatron_to_hf(ckpt, steps, folder, limit, check_finite=check_finite)
+        if dtype in ("official", "bf16"):
+            config.dtype = torch.bfloat16
+        elif dtype in DTYPES:
+            config.dtype = DTYPES[dtype]
+        family.write_extras(folder, config)
+        if tokenizer is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).exists():
+                    shutil.copyfile(Path(tokenizer) / name, folder / name)
+    click.echo(f"wrote {dst}")
+
+
+@main.command("megatron-to-hf")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    help="Tokenizer folder copied into DST (required "
+    "unless --no-tokenizer); its <|vision_pad|> id goes into config.json.",
+)
+@click.option("--no-tokenizer", is_flag=True, help="Write no tokenizer files.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["source", "official", "bf16", "fp16", "fp32"]),
+    default="source",
+    show_default=True,
+    help="official: the release's per-tensor dtypes (attention projections in "
+    "float32, the rest bfloat16); source: keep each tensor's dtype.",
+)
+@click.option("--max-shard-size", default="4GB", show_default=True)
+@click.option(
+    "--dry-run", is_flag=True, help="Read shapes and dtypes only, check the mapping, print the plan."
+)
+@click.option(
+    "--plan-json", type=click.Path(path_type=Path), help="Write the plan (names, shapes, dtypes, shards)."
+)
+@click.option("--iteration", type=int, help="Iteration to read (default: the tracker file's).")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle globals outside the allow-list (runs code from the file: only for checkpoints you trust).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--check-finite", is_flag=True, help="Refuse tensors holding NaN or Inf.")
+def megatron_to_hf(
+    src,
+    dst,
+    tokenizer,
+    no_tokenizer,
+    dtype,
+    max_shard_size,
+    dry_run,
+    plan_json,
+    iteration,
+    trust_pickle,
+    overwrite,
+    check_finite,
+):
+    """Convert a Megatron checkpoint SRC (legacy or torch_dist, any TP/PP/VP) to a Hugging Face folder DST."""
+    if dst is None and not dry_run:
+        raise click.UsageError("DST is required unless --dry-run")
+    _convert_to_hf(
+        src,
+        dst,
+        tokenizer,
+        no_tokenizer,
+        dtype,
+        max_shard_size,
+        dry_run,
+        plan_json,
+        iteration,
+        trust_pickle,
+        overwrite,
+        check_finite,
+    )
+
+
+def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwrite: bool, divisible_by: int):
+    from .engine import HFSource, atomic_folder, hf_steps, write_legacy, write_torch_dist
+    from .families import family_for_hf_config
+
+    config_path = Path(hf_dir) / "config.json"
+    if not config_path.exists():
+        raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face folder)")
+    config_json = json.loads(config_path.read_text())
+    family = family_for_hf_config(config_json)
+    config = family.config_class()(**config_json)
+    source = HFSource(hf_dir)
+    table = family.table(config, divisible_by)
+    expected = family.expected(config)
+    missing = set(expected) - set(source.where)
+    if missing:
+        raise ConversionError(f"{hf_dir}: missing tensors: {sorted(missing)[:5]}")
+    steps = hf_steps(table, list(expected))
+    dtype = next(iter({source.get(n).dtype for n in list(expected)[:1]}))
+    args = family.megatron_args(config, tp, pp, dtype=dtype, divisible_by=divisible_by)
+    with atomic_folder(dst, overwrite=overwrite) as folder:
+        writer = write_legacy if fmt == "torch" else write_torch_dist
+        writer(folder, args, steps, source.get)
+    click.echo(f"wrote {dst}: TP={tp} PP={pp} {fmt}")
+
+
+@main.command("hf-to-megatron")
+@click.argument("src", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--tp", type=int, default=1, show_default=True)
+@click.option("--pp", type=int, default=1, show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["torch", "torch_dist"]), default="torch", show_default=True
+)
+@click.option("--make-vocab-size-divisible-by", "divisible_by", type=int, default=128, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def hf_to_megatron(src, dst, tp, pp, fmt, divisible_by, overwrite):
+    """Write a Megatron checkpoint (vocab and ViT heads re-padded as Megatron pads them at TP)."""
+    _write_megatron(src, dst, tp, pp, fmt, overwrite, divisible_by)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--tp", type=int, required=True)
+@click.option("--pp", type=int, default=1, show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["torch", "torch_dist"]), help="Default: the source's format."
+)
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--overwrite", is_flag=True)
+def reshard(src, dst, tp, pp, fmt, trust_pickle, overwrite):
+    """Re-shard a Megatron checkpoint to another TP/PP (and format), through the exact HF layout."""
+    from .engine import open_megatron
+
+    ckpt = open_megatron(src, trust_pickle=trust_pickle)
+    divisible_by = getattr(ckpt.args, "make_vocab_size_divisible_by", 128)
+    with tempfile.TemporaryDirectory(
+        prefix=".reshard-", dir=Path(dst).parent if Path(dst).parent.exists() else None
+    ) as tmp:
+        middle = Path(tmp) / "hf"
+        _convert_to_hf(
+            src, middle, None, True, "source", "4GB", False, None, None, trust_pickle, False, False
+        )
+        _write_megatron(middle, dst, tp, pp, fmt or ckpt.format, overwrite, divisible_by)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--trust-pickle", is_flag=True)
+def inspect(src, trust_pickle):
+    """Format, parallel layout, iteration, key args, tensor count and bytes of a Megatron checkpoint."""
+    from .engine import open_megatron
+
+    ckpt = open_megatron(src, trust_pickle=trust_pickle)
+    args = ckpt.args
+    names = ckpt.names()
+    total = sum(ckpt.nbytes(name) for name in names)
+    click.echo(f"{'path':<28}{src}")
+    click.echo(f"{'format':<28}{ckpt.format}")
+    click.echo(f"{'iteration':<28}{ckpt.iteration_dir.name}")
+    click.echo(f"{'parallel layout':<28}TP={ckpt.tp} PP={ckpt.pp} VP={ckpt.vp}")
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "ffn_hidden_size",
+        "padded_vocab_size",
+        "encoder_num_layers",
+        "vision_hidden_size",
+        "vision_num_attention_heads",
+    ):
+        if hasattr(args, key):
+            click.echo(f"{key:<28}{getattr(args, key)}")
+    click.echo(f"{'tensors':<28}{len(names)}")
+    click.echo(f"{'bytes (as stored)':<28}{total:,}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Model families the converter knows: each joins a mapping table to the model class it targets.
+
+A family answers: is this Megatron checkpoint mine (from its args)? what HF config and which
+tensors (names and shapes) does it convert to? which rows map them? which files besides the
+weights does the HF folder need? Adding a model family = a table in mappings/ + a family here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mappings.nvlm_d import official_dtype as nvlm_official_dtype
+from mappings.nvlm_d import table_for as nvlm_table_for
+from mappings.qwen2 import qwen2_table_for
+from mappings.table import Table
+
+REMOTE_CODE = (
+    "configuration_nvlm_d.py",
+    "modeling_nvlm_d.py",
+    "modeling_intern_vit.py",
+    "processing_nvlm_d.py",
+)
+
+
+@dataclass
+class NVLMD:
+    name = "nvlm-d"
+
+    @staticmethod
+    def detect(args) -> bool:
+        return getattr(args, "vision_model_type", None) is not None
+
+    @staticmethod
+    def hf_config(args, *, image_token_id: int | None = None):
+        from modeling.megatron.args import config_from_args
+
+        config = config_from_args(args)
+        if image_token_id is not None:
+            config.img_context_token_id = image_token_id
+        return config
+
+    @staticmethod
+    def config_class():
+        from modeling import NVLM_D_Config
+
+        return NVLM_D_Config
+
+    @staticmethod
+    def table(config, divisible_by: int = 128) -> Table:
+        return nvlm_table_for(config, divisible_by)
+
+    @staticmethod
+    def expected(config) -> dict[str, tuple[int, ...]]:
+        from modeling import NVLM_D_Model
+
+        with torch.device("meta"):
+            model = NVLM_D_Model(config)
+        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+    official_dtype = staticmethod(nvlm_official_dtype)
+
+    @staticmethod
+    def megatron_args(config, tp: int, pp: int, *, dtype: torch.dtype, divisible_by: int):
+        from modeling.megatron.args import megatron_args
+        from modeling.megatron.builder import ParallelLayout
+
+        rows = config.llm_config.vocab_size
+        padded = -(-rows // (divisible_by * tp)) * (divisible_by * tp)
+        return megatron_args(
+            config,
+            ParallelLayout(tp, pp),
+            padded_vocab=padded,
+            divisible_by=divisible_by,
+            dtype=dtype,
+            spec="local",
+            tokenizer_vocab=rows,
+        )
+
+    @staticmethod
+    def write_extras(folder: Path, config) -> None:
+        """config.json with auto_map, the remote-code files, generation and preprocessor configs."""
+        import modeling
+        from modeling.processing_nvlm_d import NVLMImageProcessor
+
+        config.save_pretrained(folder)
+        source = Path(modeling.__file__).parent
+        for name in REMOTE_CODE:
+            shutil.copyfile(source / name, folder / name)
+        eos = config.llm_config.eos_token_id
+        generation = {
+            "do_sample": False,
+            "eos_token_id": eos,
+            "max_new_tokens": 1024,
+            "pad_token_id": config.llm_config.pad_token_id,
+            "bos_token_id": config.llm_config.bos_token_id,
+        }
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        processor = NVLMImageProcessor(
+            image_size=config.image_size, max_num=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail
+        )
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor.to_dict(), indent=2) + "\n")
+
+
+@dataclass
+class Qwen2:
+    """A plain Megatron GPT checkpoint of a Qwen2 model -> transformers' Qwen2ForCausalLM."""
+
+    name = "qwen2"
+
+    @staticmethod
+    def detect(args) -> bool:
+        return getattr(args, "vision_model_type", None) is None
+
+    @staticmethod
+    def hf_config(args, *, image_token_id: int | None = None):
+        from transformers import Qwen2Config
+
+        vocab = getattr(args, "vocab_size", None) or args.padded_vocab_size
+        return Qwen2Config(
+            hidden_size=args.hidden_size,
+            intermediate_size=args.ffn_hidden_size,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_query_groups
+            if args.group_query_attention
+            else args.num_attention_heads,
+            max_position_embeddings=args.max_position_embeddings,
+            rms_norm_eps=args.norm_epsilon,
+            rope_theta=float(args.rotary_base),
+            tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+            vocab_size=-(-vocab // 128) * 128,
+            architectures=["Qwen2ForCausalLM"],
+        )
+
+    @staticmethod
+    def config_class():
+        from transformers import Qwen2Config
+
+        return Qwen2Config
+
+    @staticmethod
+    def table(config, divisible_by: int = 128) -> Table:
+        return Table(rules=qwen2_table_for(config))
+
+    @staticmethod
+    def expected(config) -> dict[str, tuple[int, ...]]:
+        from transformers import Qwen2ForCausalLM
+
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(config)
+        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+    @staticmethod
+    def official_dtype(name: str) -> torch.dtype:
+        return torch.bfloat16
+
+    @staticmethod
+    def megatron_args(config, tp, pp, *, dtype, divisible_by):
+        import argparse
+
+        rows = config.vocab_size
+        return argparse.Namespace(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads,
+            group_query_attention=True,
+            num_query_groups=config.num_key_value_heads,
+            kv_channels=config.hidden_size // config.num_attention_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            norm_epsilon=config.rms_norm_eps,
+            rotary_base=int(config.rope_parameters["rope_theta"]),
+            swiglu=True,
+            add_qkv_bias=True,
+            add_bias_linear=False,
+            untie_embeddings_and_output_weights=not config.tie_word_embeddings,
+            vocab_size=rows,
+            padded_vocab_size=-(-rows // (divisible_by * tp)) * (divisible_by * tp),
+            make_vocab_size_divisible_by=divisible_by,
+            params_dtype=dtype,
+            normalization="RMSNorm",
+            position_embedding_type="rope",
+        )
+
+    @staticmethod
+    def write_extras(folder: Path, config) -> None:
+        config.save_pretrained(folder)
+
+
+FAMILIES = (NVLMD, Qwen2)
+
+
+def family_for_args(args):
+    for family in FAMILIES:
+        if family.detect(args):
+            return family
+    raise ValueError("no known model family")
+
+
+def family_for_hf_config(config_json: dict):
+    return NVLMD if config_json.get("model_type") == "NVLM_D" else Qwen2
