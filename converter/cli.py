@@ -71,6 +71,18 @@ def _tokenizer_info(folder: Path | None) -> int | None:
     return pad if isinstance(pad, int) and pad != tokenizer.unk_token_id else None
 
 
+def _tokenizer_size(folder: Path) -> int | None:
+    """Entries of the tokenizer shipped in an HF folder (Megatron's `vocab_size`), if there is one."""
+    if not (folder / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    except Exception:
+        return None
+
+
 def _dtype_policy(choice: str, family):
     if choice == "official":
         return lambda name, source: family.official_dtype(name)
@@ -226,7 +238,9 @@ def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwri
         raise ConversionError(f"{hf_dir}: missing tensors: {sorted(missing)[:5]}")
     steps = hf_steps(table, list(expected))
     dtype = next(iter({source.get(n).dtype for n in list(expected)[:1]}))
-    args = family.megatron_args(config, tp, pp, dtype=dtype, divisible_by=divisible_by)
+    tokenizer_vocab = _tokenizer_size(Path(hf_dir))
+    args = family.megatron_args(config, tp, pp, dtype=dtype, divisible_by=divisible_by,
+                                tokenizer_vocab=tokenizer_vocab)
     with atomic_folder(dst, overwrite=overwrite) as folder:
         writer = write_legacy if fmt == "torch" else write_torch_dist
         writer(folder, args, steps, source.get)

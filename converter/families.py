@@ -65,21 +65,17 @@ class NVLMD:
     official_dtype = staticmethod(nvlm_official_dtype)
 
     @staticmethod
-    def megatron_args(config, tp: int, pp: int, *, dtype: torch.dtype, divisible_by: int):
+    def megatron_args(config, tp: int, pp: int, *, dtype: torch.dtype, divisible_by: int,
+                      tokenizer_vocab: int | None = None):
+        from types import SimpleNamespace
+
         from modeling.megatron.args import megatron_args
-        from modeling.megatron.builder import ParallelLayout
 
         rows = config.llm_config.vocab_size
+        # Megatron pads from the HF row count here, so no row is lost on the way back.
         padded = -(-rows // (divisible_by * tp)) * (divisible_by * tp)
-        return megatron_args(
-            config,
-            ParallelLayout(tp, pp),
-            padded_vocab=padded,
-            divisible_by=divisible_by,
-            dtype=dtype,
-            spec="local",
-            tokenizer_vocab=rows,
-        )
+        return megatron_args(config, SimpleNamespace(tp=tp, pp=pp), padded_vocab=padded, divisible_by=divisible_by,
+                             dtype=dtype, spec="local", tokenizer_vocab=tokenizer_vocab or rows)
 
     @staticmethod
     def write_extras(folder: Path, config) -> None:
@@ -160,7 +156,7 @@ class Qwen2:
         return torch.bfloat16
 
     @staticmethod
-    def megatron_args(config, tp, pp, *, dtype, divisible_by):
+    def megatron_args(config, tp, pp, *, dtype, divisible_by, tokenizer_vocab=None):
         import argparse
 
         rows = config.vocab_size

@@ -138,10 +138,14 @@ class GatedMLP(Transform):
     name = "gated_mlp"
 
     def merge(self, shards):
+        if len({tuple(s.shape) for s in shards}) != 1 or shards[0].shape[0] % 2:
+            raise LayoutError(f"SwiGLU fc1 shards must be equal and even: {[tuple(s.shape) for s in shards]}")
         halves = [shard.chunk(2, dim=0) for shard in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
     def split(self, whole, tp):
+        if whole.shape[0] % (2 * tp):
+            raise LayoutError(f"SwiGLU fc1 rows {whole.shape[0]} do not split into gate/up over TP={tp}")
         gate, up = whole.chunk(2, dim=0)
         return [torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp), up.chunk(tp))]
 
@@ -174,6 +178,10 @@ class _PaddedHeads(Transform):
     hf_heads: int = 1  # real + dummy heads in the HF layout (32 for InternViT-6B)
     head_dim: int = 1
 
+    def _check_heads(self, heads: int) -> None:
+        if heads < self.real_heads:
+            raise LayoutError(f"{heads} ViT heads, fewer than the {self.real_heads} real ones")
+
 
 @dataclass(frozen=True)
 class ViTQKV(_PaddedHeads):
@@ -185,6 +193,7 @@ class ViTQKV(_PaddedHeads):
 
     def to_hf(self, whole):
         heads = whole.shape[0] // (3 * self.head_dim)
+        self._check_heads(heads)
         per_head = whole.reshape(heads, 3, self.head_dim, -1)
         _require_zero(per_head[self.real_heads :], "ViT qkv dummy head rows")
         blocks = _pad_to(per_head[: self.real_heads], 0, self.hf_heads).permute(1, 0, 2, 3)
@@ -207,6 +216,7 @@ class ViTProj(_PaddedHeads):
 
     def to_hf(self, whole):
         per_head = whole.reshape(whole.shape[0], -1, self.head_dim)
+        self._check_heads(per_head.shape[1])
         _require_zero(per_head[:, self.real_heads :], "ViT proj dummy head columns")
         return [_pad_to(per_head[:, : self.real_heads], 1, self.hf_heads).reshape(whole.shape[0], -1)]
 
@@ -225,6 +235,7 @@ class ViTQKNorm(_PaddedHeads):
     name = "vit_qk_norm"
 
     def to_hf(self, whole):
+        self._check_heads(whole.shape[0] // self.head_dim)
         return [_pad_to(whole, 0, self.hf_heads * self.head_dim)]
 
     def from_hf(self, parts, tp):

@@ -61,3 +61,43 @@ def tiny_inputs(tokenizer):
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(3, 3, 64, 64, generator=generator)
     return [{"input_ids": text, "pixel_values": None}, {"input_ids": image, "pixel_values": pixels}]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Seeded tiny Megatron checkpoints (one seed: the same model) in several layouts and formats."""
+    root = tmp_path_factory.mktemp("megatron")
+    made = {}
+    for name, args in {
+        "tp2-pp2": ("--tp", "2", "--pp", "2"),
+        "tp1-te": ("--spec", "te"),
+        "tp2-dist": ("--tp", "2", "--format", "torch_dist"),
+    }.items():
+        made[name] = make_megatron_checkpoint(root / name, "--preset", "tiny", *args)
+    return made
+
+
+@pytest.fixture(scope="session")
+def shapes_only_72b(tmp_path_factory):
+    """The full nvlm-d-72b at TP=8, shapes and dtypes only (legacy format)."""
+    out = tmp_path_factory.mktemp("72b") / "tp8"
+    return make_megatron_checkpoint(out, "--preset", "nvlm-d-72b", "--tp", "8", "--shapes-only")
+
+
+def cli(*args: str):
+    """Run convert-checkpoint in-process; return (exit code, output)."""
+    from click.testing import CliRunner
+
+    from converter.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def load_hf_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors

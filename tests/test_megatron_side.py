@@ -224,9 +224,9 @@ def test_torch_dist_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_72b_shapes_only_at_tp8(tmp_path):
+def test_72b_shapes_only_at_tp8(shapes_only_72b):
     """The full nvlm-d-72b at TP=8 described without data, on a 2-core machine."""
-    root = make_megatron_checkpoint(tmp_path / "72b", "--preset", "nvlm-d-72b", "--tp", "8", "--shapes-only")
+    root = shapes_only_72b
     ranks = sorted((root / "iter_0000001").iterdir())
     assert [r.name for r in ranks] == [f"mp_rank_{i:02d}" for i in range(8)]
     model = load(ranks[7] / "model_optim_rng.pt")["model"]
