@@ -239,8 +239,9 @@ def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwri
     steps = hf_steps(table, list(expected))
     dtype = next(iter({source.get(n).dtype for n in list(expected)[:1]}))
     tokenizer_vocab = _tokenizer_size(Path(hf_dir))
-    args = family.megatron_args(config, tp, pp, dtype=dtype, divisible_by=divisible_by,
-                                tokenizer_vocab=tokenizer_vocab)
+    args = family.megatron_args(
+        config, tp, pp, dtype=dtype, divisible_by=divisible_by, tokenizer_vocab=tokenizer_vocab
+    )
     with atomic_folder(dst, overwrite=overwrite) as folder:
         writer = write_legacy if fmt == "torch" else write_torch_dist
         writer(folder, args, steps, source.get)

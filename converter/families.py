@@ -65,8 +65,9 @@ class NVLMD:
     official_dtype = staticmethod(nvlm_official_dtype)
 
     @staticmethod
-    def megatron_args(config, tp: int, pp: int, *, dtype: torch.dtype, divisible_by: int,
-                      tokenizer_vocab: int | None = None):
+    def megatron_args(
+        config, tp: int, pp: int, *, dtype: torch.dtype, divisible_by: int, tokenizer_vocab: int | None = None
+    ):
         from types import SimpleNamespace
 
         from modeling.megatron.args import megatron_args
@@ -74,8 +75,15 @@ class NVLMD:
         rows = config.llm_config.vocab_size
         # Megatron pads from the HF row count here, so no row is lost on the way back.
         padded = -(-rows // (divisible_by * tp)) * (divisible_by * tp)
-        return megatron_args(config, SimpleNamespace(tp=tp, pp=pp), padded_vocab=padded, divisible_by=divisible_by,
-                             dtype=dtype, spec="local", tokenizer_vocab=tokenizer_vocab or rows)
+        return megatron_args(
+            config,
+            SimpleNamespace(tp=tp, pp=pp),
+            padded_vocab=padded,
+            divisible_by=divisible_by,
+            dtype=dtype,
+            spec="local",
+            tokenizer_vocab=tokenizer_vocab or rows,
+        )
 
     @staticmethod
     def write_extras(folder: Path, config) -> None:

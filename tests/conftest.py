@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,48 @@ def load_hf_tensors(folder: Path) -> dict:
     for file in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+_REMOTE_CHECK = textwrap.dedent(
+    """
+    import importlib.util, sys
+    # No nvlm-port on the path: drop the repo and the editable-install finder, then prove it.
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", REPO)]
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
+                        and "editable" not in type(f).__module__]
+    for name in ("modeling", "converter", "mappings"):
+        assert importlib.util.find_spec(name) is None, name + " is importable"
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+    inputs = torch.load(FOLDER + "/inputs.pt")
+    with torch.no_grad():
+        logits = model(pixel_values=inputs["pixels"], input_ids=inputs["ids"]).logits
+    torch.save(logits, FOLDER + "/remote_logits.pt")
+    print(model.chat(tokenizer, inputs["pixels"], "What is shown?", dict(max_new_tokens=4, do_sample=False)))
+    """
+)
+
+
+def remote_code_logits(folder: Path, pixels, input_ids, workdir: Path):
+    """Load `folder` with AutoModel(trust_remote_code=True) in a Python that cannot import
+    nvlm-port, run it on the inputs (and chat once), return its logits."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save({"pixels": pixels, "ids": input_ids}, Path(folder) / "inputs.pt")
+    env = dict(os.environ, HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    script = f"REPO = {str(REPO)!r}\nFOLDER = {str(folder)!r}\n" + _REMOTE_CHECK
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", script],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(Path(folder) / "remote_logits.pt")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TOKENIZER, cli, load_hf_tensors, reference_file, tiny_inputs
+from conftest import TINY_TOKENIZER, cli, load_hf_tensors, reference_file, remote_code_logits, tiny_inputs
 
 pytest.importorskip("megatron.core", reason="the Megatron side is needed to make checkpoints")
 
@@ -48,9 +48,18 @@ def _tiny_config():
 
 def test_folder_contents(converted):
     folder = converted["tp2-pp2"]
-    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "configuration_nvlm_d.py", "modeling_nvlm_d.py",
-                 "modeling_intern_vit.py", "processing_nvlm_d.py", "model.safetensors"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_nvlm_d.py",
+        "modeling_nvlm_d.py",
+        "modeling_intern_vit.py",
+        "processing_nvlm_d.py",
+        "model.safetensors",
+    ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_nvlm_d.NVLM_D_Model"
@@ -64,8 +73,9 @@ def test_megatron_and_hf_logits_agree(checkpoints, converted, tiny_tokenizer):
     """Megatron at TP=2/PP=2 from its checkpoint vs our class from the converted folder, float32."""
     cases = tiny_inputs(tiny_tokenizer)
     layout = ParallelLayout(2, 2)
-    megatron = run_ranks(forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(checkpoints["tp2-pp2"])),
-                                                          layout, cases))["outputs"]
+    megatron = run_ranks(
+        forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(checkpoints["tp2-pp2"])), layout, cases)
+    )["outputs"]
     model = NVLM_D_Model.from_pretrained(converted["tp2-pp2"]).eval()
     for case, ref in zip(cases, megatron):
         with torch.no_grad():
@@ -75,8 +85,33 @@ def test_megatron_and_hf_logits_agree(checkpoints, converted, tiny_tokenizer):
         assert logits.argmax(-1).equal(ref.logits.argmax(-1))
 
 
-ROUND_TRIPS = [(1, 1, "torch"), (2, 1, "torch"), (4, 1, "torch"), (1, 2, "torch"), (2, 2, "torch"),
-               (1, 1, "torch_dist"), (2, 2, "torch_dist"), (4, 1, "torch_dist")]
+def test_converted_folder_loads_as_remote_code_without_nvlm_port(converted, tiny_tokenizer, tmp_path):
+    """AutoModel(..., trust_remote_code=True) in a Python without nvlm-port: same logits as our class."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(converted["tp2-pp2"], folder)
+    case = tiny_inputs(tiny_tokenizer)[1]
+    remote = remote_code_logits(folder, case["pixel_values"], case["input_ids"], tmp_path)
+    with torch.no_grad():
+        ours = (
+            NVLM_D_Model.from_pretrained(folder)
+            .eval()(pixel_values=case["pixel_values"], input_ids=case["input_ids"])
+            .logits
+        )
+    assert torch.equal(remote, ours)
+
+
+ROUND_TRIPS = [
+    (1, 1, "torch"),
+    (2, 1, "torch"),
+    (4, 1, "torch"),
+    (1, 2, "torch"),
+    (2, 2, "torch"),
+    (1, 1, "torch_dist"),
+    (2, 2, "torch_dist"),
+    (4, 1, "torch_dist"),
+]
 
 
 @pytest.mark.parametrize("tp,pp,fmt", ROUND_TRIPS)
@@ -104,14 +139,17 @@ def test_reshard_then_convert(checkpoints, converted, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_converted_back_checkpoint_runs_to_the_same_megatron_logits(checkpoints, converted, tmp_path,
-                                                                    tiny_tokenizer):
+def test_converted_back_checkpoint_runs_to_the_same_megatron_logits(
+    checkpoints, converted, tmp_path, tiny_tokenizer
+):
     code, output = cli("hf-to-megatron", converted["tp2-pp2"], tmp_path / "back", "--tp", 2, "--pp", 2)
     assert code == 0, output
     cases = tiny_inputs(tiny_tokenizer)
     layout = ParallelLayout(2, 2)
     runs = [
-        run_ranks(forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(path)), layout, cases))["outputs"]
+        run_ranks(forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(path)), layout, cases))[
+            "outputs"
+        ]
         for path in (checkpoints["tp2-pp2"], tmp_path / "back")
     ]
     for original, back in zip(*runs):
@@ -121,10 +159,13 @@ def test_converted_back_checkpoint_runs_to_the_same_megatron_logits(checkpoints,
 def test_dry_run_of_the_72b_reproduces_the_release_index(shapes_only_72b, tmp_path):
     index = json.loads(reference_file("model.safetensors.index.json").read_text())
     rows = [line.split("\t") for line in reference_file("tensors.tsv").read_text().splitlines()[1:]]
-    release = {r[0]: ([int(x) for x in r[1].split(",")], {"BF16": "bfloat16", "F32": "float32"}[r[2]]) for r in rows}
+    release = {
+        r[0]: ([int(x) for x in r[1].split(",")], {"BF16": "bfloat16", "F32": "float32"}[r[2]]) for r in rows
+    }
     plan_file = tmp_path / "plan.json"
-    code, output = cli("megatron-to-hf", shapes_only_72b, "--dry-run", "--dtype", "official",
-                       "--plan-json", plan_file)
+    code, output = cli(
+        "megatron-to-hf", shapes_only_72b, "--dry-run", "--dtype", "official", "--plan-json", plan_file
+    )
     assert code == 0, output
     plan = json.loads(plan_file.read_text())
     assert len(plan["tensors"]) == 1556 and set(plan["tensors"]) == set(release)

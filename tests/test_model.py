@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import REPO, reference_file
+from conftest import reference_file, remote_code_logits
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM
 
@@ -183,29 +179,6 @@ def test_save_and_load_in_process(tiny_model, tiny_tokenizer, tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-REMOTE_CHECK = textwrap.dedent(
-    """
-    import importlib.util, sys
-    # No nvlm-port on the path: drop the repo and the editable-install finder, then prove it.
-    sys.path[:] = [p for p in sys.path if p not in ("", ".", REPO)]
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")
-                        and "editable" not in type(f).__module__]
-    for name in ("modeling", "converter", "mappings"):
-        assert importlib.util.find_spec(name) is None, name + " is importable"
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-    model = AutoModel.from_pretrained(FOLDER, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    tokenizer = AutoTokenizer.from_pretrained(FOLDER)
-    inputs = torch.load(FOLDER + "/inputs.pt")
-    with torch.no_grad():
-        logits = model(pixel_values=inputs["pixels"], input_ids=inputs["ids"]).logits
-    torch.save(logits, FOLDER + "/remote_logits.pt")
-    print(model.chat(tokenizer, inputs["pixels"], "What is shown?", dict(max_new_tokens=4, do_sample=False)))
-    """
-)
-
-
 @pytest.mark.slow
 def test_remote_code_loads_without_nvlm_port(tiny_model, tiny_tokenizer, tmp_path):
     folder = tmp_path / "hf"
@@ -213,18 +186,7 @@ def test_remote_code_loads_without_nvlm_port(tiny_model, tiny_tokenizer, tmp_pat
     tiny_tokenizer.save_pretrained(folder)
     inputs = _image_prompt(tiny_model, tiny_tokenizer, 3)
     pixels = torch.randn(3, 3, 64, 64)
-    torch.save({"pixels": pixels, "ids": inputs.input_ids}, folder / "inputs.pt")
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    script = f"REPO = {str(REPO)!r}\nFOLDER = {str(folder)!r}\n" + REMOTE_CHECK
-    run = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    remote = remote_code_logits(folder, pixels, inputs.input_ids, tmp_path)
     with torch.no_grad():
         ours = tiny_model(pixel_values=pixels, input_ids=inputs.input_ids).logits
-    torch.testing.assert_close(torch.load(folder / "remote_logits.pt"), ours, rtol=0, atol=0)
+    torch.testing.assert_close(remote, ours, rtol=0, atol=0)
