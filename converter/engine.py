@@ -214,17 +214,21 @@ def write_legacy(folder: Path, args, steps, source_get, *, iteration: int = 1) -
 _STACK = __import__("re").compile(r"^((?:\w+\.)*?decoder\.layers)\.(\d+)\.(.*)$")
 
 
+_EXTRA_STATE_OWNERS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+
+
 def write_torch_dist(folder: Path, args, steps, source_get, *, iteration: int = 1) -> None:
-    """Global tensors, homogeneous layers stacked on a leading axis, as Megatron-Core stores them,
-    saved with torch.distributed.checkpoint (single process). Stacking holds one stacked tensor
-    (all layers of one parameter) in memory at a time."""
+    """What Megatron-Core's dist_checkpointing.save writes, from a single process: global tensors
+    under the sharded state dict's names (input norms fused into the next linear's name), the
+    layers of each parameter stacked on a leading axis, and an empty `_extra_state` object per
+    linear layer (Megatron-Core's loader expects them). One stacked tensor in memory at a time."""
     import json
 
     import torch.distributed.checkpoint as dcp
 
     groups: dict[str, list] = {}
     for rule, layer in steps:
-        name = rule.megatron_name(layer)
+        name = rule.sharded_name(layer)
         found = _STACK.match(name)
         key = f"{found.group(1)}.{found.group(3)}" if found else name
         groups.setdefault(key, []).append((int(found.group(2)) if found else None, rule, layer))
@@ -233,25 +237,28 @@ def write_torch_dist(folder: Path, args, steps, source_get, *, iteration: int = 
     state = {}
     for key, members in tqdm(groups.items(), desc="stacking", leave=False):
         members.sort(key=lambda m: -1 if m[0] is None else m[0])
+        pairs = [(r, l) for _, r, l in members]
         tensors = [
-            whole
-            for _, whole, _ in megatron_tensors(
-                source_get, [(r, l) for _, r, l in members], args.tensor_model_parallel_size
-            )
+            whole for _, whole, _ in megatron_tensors(source_get, pairs, args.tensor_model_parallel_size)
         ]
-        state[key] = torch.stack(tensors) if members[0][0] is not None else tensors[0]
+        stacked = members[0][0] is not None
+        state[key] = torch.stack(tensors) if stacked else tensors[0]
+        if key.endswith(_EXTRA_STATE_OWNERS) and "output_layer" not in key:
+            owner = key.rsplit(".", 1)[0]
+            count = len(members) if stacked else 1
+            for index in range(count):
+                # DCP pickles non-tensor values: this stores torch.save([None]), the bytes Megatron-Core
+                # writes for a ShardedObject holding the local spec's None extra state.
+                state[f"{owner}._extra_state/shard_{index}_{count}"] = [None]
     dcp.save(state, checkpoint_id=str(path), no_dist=True)
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration}, path / "common.pt")
-    (path / "metadata.json").write_text(
-        json.dumps(
-            {
-                "sharded_backend": "torch_dist",
-                "sharded_backend_version": 1,
-                "common_backend": "torch",
-                "common_backend_version": 1,
-            }
-        )
-    )
+    metadata = {
+        "sharded_backend": "torch_dist",
+        "sharded_backend_version": 1,
+        "common_backend": "torch",
+        "common_backend_version": 1,
+    }
+    (path / "metadata.json").write_text(json.dumps(metadata))
     legacy.write_tracker(folder, iteration)
 
 

@@ -19,6 +19,13 @@ from mappings.nvlm_d import table_for as nvlm_table_for
 from mappings.qwen2 import qwen2_table_for
 from mappings.table import Table
 
+
+def hf_vocab_rows(tokenizer_vocab: int) -> int:
+    """HF embedding rows for a tokenizer: Qwen2's 152064 for the Qwen2.5 tokenizer (the release), the
+    tokenizer's own size otherwise (what hf-to-megatron records in `vocab_size`)."""
+    return 152064 if tokenizer_vocab == 151665 else tokenizer_vocab
+
+
 REMOTE_CODE = (
     "configuration_nvlm_d.py",
     "modeling_nvlm_d.py",
@@ -124,7 +131,7 @@ class Qwen2:
     def hf_config(args, *, image_token_id: int | None = None):
         from transformers import Qwen2Config
 
-        vocab = getattr(args, "vocab_size", None) or args.padded_vocab_size
+        vocab = hf_vocab_rows(getattr(args, "vocab_size", None) or args.padded_vocab_size)
         return Qwen2Config(
             hidden_size=args.hidden_size,
             intermediate_size=args.ffn_hidden_size,
@@ -137,7 +144,7 @@ class Qwen2:
             rms_norm_eps=args.norm_epsilon,
             rope_theta=float(args.rotary_base),
             tie_word_embeddings=not args.untie_embeddings_and_output_weights,
-            vocab_size=-(-vocab // 128) * 128,
+            vocab_size=vocab,
             architectures=["Qwen2ForCausalLM"],
         )
 
@@ -149,7 +156,7 @@ class Qwen2:
 
     @staticmethod
     def table(config, divisible_by: int = 128) -> Table:
-        return Table(rules=qwen2_table_for(config))
+        return Table(rules=qwen2_table_for(config, divisible_by))
 
     @staticmethod
     def expected(config) -> dict[str, tuple[int, ...]]:
@@ -157,7 +164,8 @@ class Qwen2:
 
         with torch.device("meta"):
             model = Qwen2ForCausalLM(config)
-        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # not stored on either side
+        return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
     @staticmethod
     def official_dtype(name: str) -> torch.dtype:

@@ -19,12 +19,13 @@ def qwen2_rules(
     divisible_by: int = 128,
     megatron_prefix: str = "",
     hf_prefix: str = "",
+    tied: bool = False,
 ) -> tuple[Rule, ...]:
     m, h = megatron_prefix, hf_prefix
     layer_m, layer_h = f"{m}decoder.layers.{{i}}.", f"{h}model.layers.{{i}}."
     qkv = GQAQKV(groups=groups, heads_per_group=heads // groups, head_dim=head_dim)
     vocab = Vocab(rows=hf_vocab_rows, divisible_by=divisible_by)
-    return (
+    rows = (
         row(f"{m}embedding.word_embeddings.weight", f"{h}model.embed_tokens.weight", vocab),
         row(
             (f"{layer_m}input_layernorm.weight", f"{layer_m}self_attention.linear_qkv.layer_norm_weight"),
@@ -54,13 +55,20 @@ def qwen2_rules(
         ),
         row(f"{layer_m}mlp.linear_fc2.weight", f"{layer_h}mlp.down_proj.weight", Row()),
         row(f"{m}decoder.final_layernorm.weight", f"{h}model.norm.weight", Replicated()),
-        row(f"{m}output_layer.weight", f"{h}lm_head.weight", vocab),
     )
+    if tied:  # lm_head shares the embedding: neither side stores it
+        return rows
+    return (*rows, row(f"{m}output_layer.weight", f"{h}lm_head.weight", vocab))
 
 
-def qwen2_table_for(config) -> tuple[Rule, ...]:
+def qwen2_table_for(config, divisible_by: int = 128) -> tuple[Rule, ...]:
     """Rows for a transformers Qwen2Config (LLM-only checkpoints)."""
     heads, groups = config.num_attention_heads, config.num_key_value_heads
     return qwen2_rules(
-        heads=heads, groups=groups, head_dim=config.hidden_size // heads, hf_vocab_rows=config.vocab_size
+        heads=heads,
+        groups=groups,
+        head_dim=config.hidden_size // heads,
+        hf_vocab_rows=config.vocab_size,
+        divisible_by=divisible_by,
+        tied=config.tie_word_embeddings,
     )

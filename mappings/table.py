@@ -15,7 +15,9 @@ from .transforms import Transform
 
 @dataclass(frozen=True)
 class Rule:
-    megatron: tuple[str, ...]  # alternative spellings; the first is canonical (used when writing)
+    # Alternative spellings: the first is Megatron-Core's local-spec state dict (legacy files we
+    # write), the last the one its sharded state dict uses (torch_dist files we write).
+    megatron: tuple[str, ...]
     hf: tuple[str, ...]
     transform: Transform
 
@@ -32,6 +34,9 @@ class Rule:
 
     def megatron_name(self, layer: str) -> str:
         return self.megatron[0].format(i=layer)
+
+    def sharded_name(self, layer: str) -> str:
+        return self.megatron[-1].format(i=layer)
 
     def match_hf(self, name: str) -> str | None:
         found = _compiled(self.hf[0]).fullmatch(name)

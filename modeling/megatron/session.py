@@ -43,7 +43,21 @@ class ForwardJob:
     image_token_id: int | None = None  # default: the config's img_context_token_id
 
 
+def _iteration_dir(checkpoint: str | Path) -> Path:
+    root = Path(checkpoint)
+    return iteration_dir(root, int((root / "latest_checkpointed_iteration.txt").read_text().strip()))
+
+
+def is_torch_dist(checkpoint: str | Path) -> bool:
+    return (_iteration_dir(checkpoint) / "metadata.json").exists()
+
+
 def read_args(checkpoint: str | Path) -> argparse.Namespace:
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    if is_torch_dist(checkpoint):
+        return torch.load(_iteration_dir(checkpoint) / "common.pt", map_location="cpu", weights_only=True)[
+            "args"
+        ]
     root = Path(checkpoint)
     iteration = int((root / "latest_checkpointed_iteration.txt").read_text().strip())
     rank0 = iteration_dir(root, iteration) / rank_dir_name(0, 0, 1)
@@ -81,7 +95,14 @@ def build_rank_model(source: ModelSource, layout: ParallelLayout, dtype: torch.d
         dtype=dtype,
         cpu=cpu,
     )
-    if source.checkpoint:
+    if source.checkpoint and is_torch_dist(source.checkpoint):
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(_iteration_dir(source.checkpoint)))
+        for common in ("args", "checkpoint_version", "iteration"):  # common.pt entries come back too
+            state.pop(common, None)
+        model.load_state_dict(state, strict=True)
+    elif source.checkpoint:
         state = load_legacy_state(
             source.checkpoint,
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
