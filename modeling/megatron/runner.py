@@ -156,6 +156,29 @@ class MegatronRunner:
         return merged
 
     @torch.no_grad()
+    def generate_greedy(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        steps: int,
+        eos_token_id: int | None = None,
+    ) -> list[int] | None:
+        """Greedy continuation, recomputing the whole sequence each step (no KV cache: simple and
+        exactly the forward above). Every rank runs; global rank 0 returns the new tokens."""
+        ids = input_ids.clone()
+        new: list[int] = []
+        for _ in range(steps):
+            out = self.forward(ids, pixel_values)
+            best = int(out.logits[0, -1].argmax()) if out is not None else 0  # rank 0 decides
+            token = torch.tensor([best], device=self.device)
+            dist.broadcast(token, src=0)
+            new.append(int(token))
+            if eos_token_id is not None and new[-1] == eos_token_id:
+                break
+            ids = torch.cat([ids, token.cpu().view(1, 1).to(ids.dtype)], dim=1)
+        return new if dist.get_rank() == 0 else None
+
+    @torch.no_grad()
     def forward_native(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, num_tiles: int
     ) -> torch.Tensor:

@@ -41,6 +41,8 @@ class ForwardJob:
     native: list[dict] = field(default_factory=list)  # {"input_ids", "pixel_values", "num_tiles"}
     tile_tag_ids: list[list[int]] | None = None
     image_token_id: int | None = None  # default: the config's img_context_token_id
+    generate_tokens: int = 0  # greedy continuation of each case (0: none)
+    eos_token_id: int | None = None
 
 
 def _iteration_dir(checkpoint: str | Path) -> Path:
@@ -140,4 +142,14 @@ def forward_rank(rank: int, job: ForwardJob) -> dict | None:
         for case in job.cases
     ]
     native = [runner.forward_native(c["input_ids"], c["pixel_values"], c["num_tiles"]) for c in job.native]
-    return {"outputs": outputs, "native": native} if rank == 0 else None
+    generated = (
+        [
+            runner.generate_greedy(
+                case["input_ids"], case.get("pixel_values"), job.generate_tokens, job.eos_token_id
+            )
+            for case in job.cases
+        ]
+        if job.generate_tokens
+        else []
+    )
+    return {"outputs": outputs, "native": native, "generated": generated} if rank == 0 else None

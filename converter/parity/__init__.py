@@ -1,0 +1,1 @@
+"""The parity suite: both codebases on identical inputs."""
