@@ -176,6 +176,8 @@ def logits(
         "pp": layout.pp,
         "dtype": dtype,
         "device": device_name,
+        "hf_attn": hf_attn,
+        "hf_projector_eps": hf_projector_eps,
         "tolerances": tolerances,
         "cases": rows,
         "ok": all(r["ok"] for r in rows),

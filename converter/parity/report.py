@@ -75,8 +75,10 @@ def _cell(text) -> str:
 
 def plot_layers(report: dict, path: Path) -> bool:
     """Per-layer relative error, one line per case, ViT and LLM towers side by side."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the plot can be redrawn later: python -m converter.parity.report DIR
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -114,3 +116,10 @@ def plot_layers(report: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder = Path(sys.argv[1])
+    plot_layers(json.loads((folder / "report.json").read_text()), folder / "layer_errors.png")
