@@ -21,7 +21,9 @@ for TP in $TPS; do
   for RUN in "sdpa:" "eager:--hf-attn eager" "eps:--hf-projector-eps 1e-5"; do
     NAME=${RUN%%:*}; EXTRA=${RUN#*:}
     # shellcheck disable=SC2086
-    /usr/bin/time -f "tp$TP-$NAME wall %e s" python3 -m converter.parity_cli logits --megatron "$CKPT" --hf "$HF" \
+    START=$SECONDS
+    python3 -m converter.parity_cli logits --megatron "$CKPT" --hf "$HF" \
       --device cuda --dtype bf16 --report "$OUT/tp$TP-$NAME" $EXTRA 2>&1 | grep -v -i "warn\|return func" || true
+    echo "tp$TP-$NAME: parity-check wall $((SECONDS - START)) s"
   done
 done
