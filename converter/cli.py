@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 import torch
 
-from .errors import ConversionError
+from .errors import ClearErrorGroup, ConversionError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = (
@@ -25,18 +24,7 @@ TOKENIZER_FILES = (
 )
 
 
-class _Group(click.Group):
-    """Turns ConversionError into one clear line on stderr and exit status 2 (no traceback)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ConversionError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ClearErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nvlm-port")
 def main() -> None:
     """Convert NVLM-D checkpoints between Megatron-Core (legacy `torch` and `torch_dist`, any TP/PP)

@@ -10,21 +10,12 @@ from pathlib import Path
 import click
 import torch
 
-from .errors import ConversionError
+from .errors import ClearErrorGroup, ConversionError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ConversionError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ClearErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nvlm-port")
 def main() -> None:
     """Compare a Megatron-Core NVLM-D checkpoint with its Hugging Face conversion: logits over every
