@@ -85,4 +85,7 @@ def run_ranks(fn, layout: ParallelLayout, *args, backend: str | None = None):
             errors = sorted(Path(result_dir).glob("error_*.txt"))
             detail = errors[0].read_text() if errors else str(exc)
             raise RuntimeError(f"a Megatron rank failed:\n{detail}") from None
-        return torch.load(Path(result_dir) / "result.pt", weights_only=False)
+        from .runner import MegatronOutputs
+
+        with torch.serialization.safe_globals([MegatronOutputs]):  # rank 0's result: tensors, lists, dicts
+            return torch.load(Path(result_dir) / "result.pt", weights_only=True)
