@@ -49,7 +49,8 @@ def allowed_globals() -> list:
     return [argparse.Namespace, *((StandIn, name) for name in STAND_IN_GLOBALS)]
 
 
-_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch's two spellings of a refused global (an unknown class, or one from a blocked module)
+_UNSUPPORTED = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
 def load(path: Path, *, trust_pickle: bool = False, mmap: bool = True) -> dict:
