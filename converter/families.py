@@ -131,19 +131,11 @@ class Qwen2:
     def hf_config(args, *, image_token_id: int | None = None):
         from transformers import Qwen2Config
 
+        from modeling.megatron.args import qwen2_fields
+
         vocab = hf_vocab_rows(getattr(args, "vocab_size", None) or args.padded_vocab_size)
         return Qwen2Config(
-            hidden_size=args.hidden_size,
-            intermediate_size=args.ffn_hidden_size,
-            num_hidden_layers=args.num_layers,
-            num_attention_heads=args.num_attention_heads,
-            num_key_value_heads=args.num_query_groups
-            if args.group_query_attention
-            else args.num_attention_heads,
-            max_position_embeddings=args.max_position_embeddings,
-            rms_norm_eps=args.norm_epsilon,
-            rope_theta=float(args.rotary_base),
-            tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+            **qwen2_fields(args),
             vocab_size=vocab,
             architectures=["Qwen2ForCausalLM"],
         )

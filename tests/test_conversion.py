@@ -16,6 +16,12 @@ from modeling.megatron.distributed import run_ranks  # noqa: E402
 from modeling.megatron.session import ForwardJob, ModelSource, forward_rank  # noqa: E402
 
 
+def megatron_outputs(checkpoint, layout, cases):
+    """Megatron's outputs for `cases`, from a checkpoint, at its layout."""
+    job = ForwardJob(ModelSource(checkpoint=str(checkpoint)), layout, cases)
+    return run_ranks(forward_rank, layout, job)["outputs"]
+
+
 @pytest.fixture(scope="module")
 def converted(checkpoints, tmp_path_factory):
     """Each seeded checkpoint converted to a Hugging Face folder."""
@@ -73,9 +79,7 @@ def test_megatron_and_hf_logits_agree(checkpoints, converted, tiny_tokenizer):
     """Megatron at TP=2/PP=2 from its checkpoint vs our class from the converted folder, float32."""
     cases = tiny_inputs(tiny_tokenizer)
     layout = ParallelLayout(2, 2)
-    megatron = run_ranks(
-        forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(checkpoints["tp2-pp2"])), layout, cases)
-    )["outputs"]
+    megatron = megatron_outputs(checkpoints["tp2-pp2"], layout, cases)
     model = NVLM_D_Model.from_pretrained(converted["tp2-pp2"]).eval()
     for case, ref in zip(cases, megatron):
         with torch.no_grad():
@@ -146,12 +150,7 @@ def test_converted_back_checkpoint_runs_to_the_same_megatron_logits(
     assert code == 0, output
     cases = tiny_inputs(tiny_tokenizer)
     layout = ParallelLayout(2, 2)
-    runs = [
-        run_ranks(forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(path)), layout, cases))[
-            "outputs"
-        ]
-        for path in (checkpoints["tp2-pp2"], tmp_path / "back")
-    ]
+    runs = [megatron_outputs(path, layout, cases) for path in (checkpoints["tp2-pp2"], tmp_path / "back")]
     for original, back in zip(*runs):
         assert torch.equal(original.logits, back.logits)
 
@@ -238,11 +237,6 @@ def test_converted_torch_dist_loads_into_megatron_core(checkpoints, converted, t
     assert code == 0, output
     cases = tiny_inputs(tiny_tokenizer)
     layout = ParallelLayout(2, 1)
-    runs = [
-        run_ranks(forward_rank, layout, ForwardJob(ModelSource(checkpoint=str(path)), layout, cases))[
-            "outputs"
-        ]
-        for path in (checkpoints["tp2-dist"], tmp_path / "dist")
-    ]
+    runs = [megatron_outputs(path, layout, cases) for path in (checkpoints["tp2-dist"], tmp_path / "dist")]
     for original, ours in zip(*runs):
         assert torch.equal(original.logits, ours.logits)

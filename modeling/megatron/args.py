@@ -93,6 +93,21 @@ def megatron_args(
     )
 
 
+def qwen2_fields(args: argparse.Namespace) -> dict:
+    """The Qwen2Config fields Megatron-LM's args of a Qwen2 decoder determine."""
+    return dict(
+        hidden_size=args.hidden_size,
+        intermediate_size=args.ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=args.norm_epsilon,
+        rope_theta=float(args.rotary_base),
+        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+    )
+
+
 def config_from_args(args: argparse.Namespace, *, hf_vocab_rows: int | None = None):
     """The NVLM_D_Config of a checkpoint written with `megatron_args` (or by Megatron-LM with the
     same fields). The HF embedding rows default to the release's rule: Qwen2's 152064 for the
@@ -125,19 +140,9 @@ def config_from_args(args: argparse.Namespace, *, hf_vocab_rows: int | None = No
         llm_config=dict(
             architectures=["Qwen2ForCausalLM"],
             model_type="llama",
-            hidden_size=args.hidden_size,
-            intermediate_size=args.ffn_hidden_size,
-            num_hidden_layers=args.num_layers,
-            num_attention_heads=args.num_attention_heads,
-            num_key_value_heads=args.num_query_groups
-            if args.group_query_attention
-            else args.num_attention_heads,
-            max_position_embeddings=args.max_position_embeddings,
-            rms_norm_eps=args.norm_epsilon,
-            rope_theta=float(args.rotary_base),
+            **qwen2_fields(args),
             hidden_act="silu",
             attention_bias=bool(args.add_qkv_bias),
-            tie_word_embeddings=not args.untie_embeddings_and_output_weights,
             vocab_size=rows,
         ),
     )
