@@ -92,10 +92,18 @@ def _convert_to_hf(
     trust_pickle,
     overwrite,
     check_finite,
+    resume=False,
 ):
-    from .engine import atomic_folder, execute_megatron_to_hf, open_megatron, plan_megatron_to_hf
+    from .engine import (
+        atomic_folder,
+        execute_megatron_to_hf,
+        leftover_partials,
+        open_megatron,
+        plan_megatron_to_hf,
+    )
     from .families import family_for_args
     from .formats.safetensors_stream import assign_shards, parse_size, shard_names
+    from .manifest import seal, source_record
 
     if tokenizer is None and not no_tokenizer and not dry_run:
         raise click.UsageError("--tokenizer DIR is required (or pass --no-tokenizer)")
@@ -104,9 +112,16 @@ def _convert_to_hf(
         click.echo(f"note: {ckpt.note}", err=True)
     image_token = _tokenizer_info(tokenizer)
     family = family_for_args(ckpt.args)
-    config = family.hf_config(ckpt.args, image_token_id=image_token)
-    table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
-    steps = plan_megatron_to_hf(ckpt, table, family.expected(config), _dtype_policy(dtype, family))
+    try:
+        config = family.hf_config(ckpt.args, image_token_id=image_token)
+        table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
+        expected = family.expected(config)
+    except (AttributeError, TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
+        raise ConversionError(
+            f"{ckpt.iteration_dir}: the checkpoint's args do not describe a {family.name} model "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    steps = plan_megatron_to_hf(ckpt, table, expected, _dtype_policy(dtype, family))
     limit = parse_size(max_shard_size)
     planned = [t for s in steps for t in s.targets]
     shards = assign_shards(planned, limit)
@@ -128,8 +143,17 @@ def _convert_to_hf(
         Path(plan_json).write_text(json.dumps(plan, indent=1) + "\n")
     if dry_run:
         return
-    with atomic_folder(Path(dst), overwrite=overwrite) as folder:
-        execute_megatron_to_hf(ckpt, steps, folder, limit, check_finite=check_finite)
+    leftovers = leftover_partials(Path(dst))
+    if leftovers and not resume:
+        click.echo(
+            f"note: {leftovers[-1]} is left from an interrupted conversion to {dst}; "
+            "--resume reuses its finished shards",
+            err=True,
+        )
+    with atomic_folder(Path(dst), overwrite=overwrite, resume=resume) as folder:
+        written = execute_megatron_to_hf(ckpt, steps, folder, limit, check_finite=check_finite, resume=resume)
+        if resume:
+            click.echo(f"resume: {len(written.reused)} of {len(shards)} shard(s) reused, the rest written")
         if dtype in ("official", "bf16"):
             config.dtype = torch.bfloat16
         elif dtype in DTYPES:
@@ -139,6 +163,7 @@ def _convert_to_hf(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer) / name).exists():
                     shutil.copyfile(Path(tokenizer) / name, folder / name)
+        seal(folder, source_record(ckpt, dtype), written.digests)
     click.echo(f"wrote {dst}")
 
 
@@ -167,7 +192,11 @@ def _convert_to_hf(
 @click.option(
     "--plan-json", type=click.Path(path_type=Path), help="Write the plan (names, shapes, dtypes, shards)."
 )
-@click.option("--iteration", type=int, help="Iteration to read (default: the tracker file's).")
+@click.option(
+    "--iteration",
+    type=int,
+    help="Iteration to read (default: the tracker file's; without one, the newest iter_* folder).",
+)
 @click.option(
     "--trust-pickle",
     is_flag=True,
@@ -175,6 +204,12 @@ def _convert_to_hf(
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--check-finite", is_flag=True, help="Refuse tensors holding NaN or Inf.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue in the .DST.partial-PID folder a killed run left: shards it finished are kept "
+    "(after checking header, size and sha256), the rest are written.",
+)
 def megatron_to_hf(
     src,
     dst,
@@ -188,8 +223,12 @@ def megatron_to_hf(
     trust_pickle,
     overwrite,
     check_finite,
+    resume,
 ):
-    """Convert a Megatron checkpoint SRC (legacy or torch_dist, any TP/PP/VP) to a Hugging Face folder DST."""
+    """Convert a Megatron checkpoint SRC (legacy or torch_dist, any TP/PP/VP) to a Hugging Face folder DST.
+
+    DST appears only when complete, with nvlm_port_manifest.json (sha256 of every file); a killed
+    run leaves .DST.partial-PID, which --resume continues."""
     if dst is None and not dry_run:
         raise click.UsageError("DST is required unless --dry-run")
     _convert_to_hf(
@@ -205,6 +244,7 @@ def megatron_to_hf(
         trust_pickle,
         overwrite,
         check_finite,
+        resume,
     )
 
 

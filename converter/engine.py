@@ -10,10 +10,13 @@ write. Nothing holds more than a few tensors at a time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +26,9 @@ from mappings.table import Rule, Table
 from mappings.transforms import LayoutError
 
 from .errors import ConversionError
-from .formats import legacy
-from .formats.safetensors_stream import PlannedTensor, ShardedWriter
+from .formats import legacy, shard_progress
+from .formats.checksums import FileDigest
+from .formats.safetensors_stream import PlannedTensor, ShardedWriter, ShardLayout
 
 
 @dataclass
@@ -65,7 +69,10 @@ def plan_megatron_to_hf(
             unknown.append(name)
             continue
         rule, layer = hit
-        source = torch.empty(ckpt.shape(name, rule.transform), dtype=ckpt.dtype(name), device="meta")
+        try:
+            source = torch.empty(ckpt.shape(name, rule.transform), dtype=ckpt.dtype(name), device="meta")
+        except LayoutError as exc:
+            raise ConversionError(f"{where(ckpt, name)}: {name}: {exc}") from None
         try:
             outputs = rule.transform.to_hf(source)
         except (LayoutError, RuntimeError) as exc:
@@ -106,29 +113,85 @@ def plan_megatron_to_hf(
     return steps
 
 
+def where(ckpt, name: str) -> str:
+    """The file(s) a source tensor lives in, for an error message."""
+    files = ckpt.files_of(name)
+    if not files:
+        return str(ckpt.iteration_dir)
+    more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+    return f"{files[0]}{more}"
+
+
+def resume_fingerprint(ckpt, planned: list[PlannedTensor], max_shard_size: int, check_finite: bool) -> str:
+    """What a finished shard depends on: the source files (path, size, mtime), the plan and the
+    options. A rerun reuses only shards recorded under its own fingerprint."""
+    files = []
+    for path in ckpt.files:
+        stat = Path(path).stat()
+        files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    tensors = [[t.name, list(t.shape), str(t.dtype)] for t in planned]
+    text = json.dumps([files, tensors, max_shard_size, check_finite])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class WriteResult:
+    digests: dict[str, FileDigest]  # every shard file -> sha256 and size
+    reused: list[str] = field(default_factory=list)  # shards an interrupted run had finished
+
+
 def execute_megatron_to_hf(
-    ckpt, steps: list[Step], folder: Path, max_shard_size: int, check_finite: bool = False
-) -> ShardedWriter:
+    ckpt,
+    steps: list[Step],
+    folder: Path,
+    max_shard_size: int,
+    check_finite: bool = False,
+    resume: bool = False,
+) -> WriteResult:
+    """Stream every step's tensors into the planned shards. With `resume`, shards an interrupted
+    run left finished in `folder` (record, size, header and sha256 checked) are kept, anything
+    else there is removed, and only the steps with a target in another shard are read."""
     planned = [t for s in steps for t in s.targets]
-    writer = ShardedWriter(folder, planned, max_shard_size)
-    total = writer.total_size
+    fingerprint = resume_fingerprint(ckpt, planned, max_shard_size, check_finite)
+    layout = ShardLayout(planned, max_shard_size)
+    reused = {}
+    if resume:
+        reused = layout.finished_in(folder, fingerprint)
+        _remove_all_but(Path(folder), {layout.names[i] for i in reused} | {shard_progress.PROGRESS})
+    pending = set(range(len(layout.names))) - set(reused)
+    writer = ShardedWriter(folder, planned, max_shard_size, only=pending, fingerprint=fingerprint)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="tensors -> safetensors", leave=False) as bar:
+        with tqdm(
+            total=writer.size_to_write, unit="B", unit_scale=True, desc="tensors -> safetensors", leave=False
+        ) as bar:
             for step in steps:
+                if not any(writer.wants(t.name) for t in step.targets):
+                    continue
                 try:
                     whole = ckpt.read(step.source, step.rule.transform)
                     parts = step.rule.transform.to_hf(whole)
                 except LayoutError as exc:
-                    raise ConversionError(f"{ckpt.root}: {step.source}: {exc}") from None
+                    raise ConversionError(f"{where(ckpt, step.source)}: {step.source}: {exc}") from None
                 for target, part in zip(step.targets, parts):
+                    if not writer.wants(target.name):
+                        continue
                     part = part.to(target.dtype)
                     if check_finite and part.is_floating_point() and not bool(torch.isfinite(part).all()):
-                        raise ConversionError(f"{ckpt.root}: {step.source} holds NaN or Inf")
+                        raise ConversionError(f"{where(ckpt, step.source)}: {step.source} holds NaN or Inf")
                     bar.update(writer.write(target.name, part))
         writer.finish()
     finally:
         writer.close()
-    return writer
+    layout.write_index(folder)
+    return WriteResult(
+        layout.recorded_digests(folder, fingerprint), [layout.names[i] for i in sorted(reused)]
+    )
+
+
+def _remove_all_but(folder: Path, keep: set[str]) -> None:
+    for entry in folder.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 # -- HF -> Megatron ------------------------------------------------------------------------------
@@ -265,28 +328,87 @@ def write_torch_dist(folder: Path, args, steps, source_get, *, iteration: int = 
 # -- output folders --------------------------------------------------------------------------
 
 
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a folder named after our own pid was left by an earlier process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftover_partials(destination: Path) -> list[Path]:
+    """Temporary siblings `.NAME.partial-PID` of `destination` whose process is gone (killed runs)."""
+    destination = Path(destination)
+    if not destination.parent.is_dir():
+        return []
+    found = []
+    for entry in destination.parent.iterdir():
+        match = _PARTIAL.match(entry.name)
+        if (
+            match
+            and match["name"] == destination.name
+            and entry.is_dir()
+            and not _pid_alive(int(match["pid"]))
+        ):
+            found.append(entry)
+    return sorted(found)
+
+
 @contextlib.contextmanager
-def atomic_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `destination` only on success."""
+def atomic_folder(destination: Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to `destination` only on success. On an error
+    it is removed; killed, it stays (as `.NAME.partial-PID`), and `resume` continues in the newest
+    such folder a dead process left (removing older ones)."""
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())) and not overwrite:
-        raise ConversionError(f"{destination}: exists and is not empty (pass --overwrite to replace it)")
+        what = "is a file" if not destination.is_dir() else "exists and is not empty"
+        raise ConversionError(f"{destination}: {what} (pass --overwrite to replace it)")
     parent = destination.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         temporary = parent / f".{destination.name}.partial-{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
+        leftovers = leftover_partials(destination) if resume else []
+        if leftovers:
+            newest = max(leftovers, key=lambda p: p.stat().st_mtime_ns)
+            if newest != temporary:
+                shutil.rmtree(temporary, ignore_errors=True)
+                newest.rename(temporary)
+            for older in leftovers:
+                if older != newest:
+                    shutil.rmtree(older, ignore_errors=True)
+        else:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
     except OSError as exc:
-        raise ConversionError(f"{parent}: cannot write there ({exc.strerror})") from None
+        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else exc.strerror
+        raise ConversionError(f"{parent}: cannot write there ({reason})") from None
     try:
         yield temporary
+    except OSError as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConversionError(
+            f"{destination}: writing failed: {exc.strerror or exc}{where}; partial output removed"
+        ) from None
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    if destination.exists():
-        shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
+    replaced = parent / f".{destination.name}.replaced-{os.getpid()}"
+    if destination.exists() or destination.is_symlink():
+        destination.rename(replaced)  # out of the way first: a kill now leaves no half-removed folder
     temporary.rename(destination)
+    if replaced.is_dir() and not replaced.is_symlink():
+        shutil.rmtree(replaced)
+    elif replaced.exists() or replaced.is_symlink():
+        replaced.unlink()
 
 
 def open_megatron(path: Path, *, iteration: int | None = None, trust_pickle: bool = False):

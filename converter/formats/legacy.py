@@ -68,19 +68,43 @@ class LegacyCheckpoint:
     vp: int
     shards: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # global name -> per TP rank
     note: str | None = None
+    files: list[Path] = field(default_factory=list)  # every rank file
+    _stage_files: dict[str, list[Path]] = field(default_factory=dict)  # global name -> per TP rank
 
     format = "torch"
 
     def names(self) -> list[str]:
         return list(self.shards)
 
+    def files_of(self, name: str) -> list[Path]:
+        return self._stage_files.get(name, [])
+
     def read(self, name: str, transform) -> torch.Tensor:
         """The global tensor of `name`, merging its TP shards with the row's transform."""
-        return transform.merge(self.shards[name])
+        return self._merged(name, self.shards[name], transform)
 
     def shape(self, name: str, transform) -> tuple[int, ...]:
         metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in self.shards[name]]
-        return tuple(transform.merge(metas).shape) if transform.tp_dim is not None else tuple(metas[0].shape)
+        if transform.tp_dim is None:
+            return tuple(metas[0].shape)
+        return tuple(self._merged(name, metas, transform).shape)
+
+    def _merged(self, name: str, shards: list[torch.Tensor], transform) -> torch.Tensor:
+        try:
+            return transform.merge(shards)
+        except (ValueError, RuntimeError) as exc:  # a transform's layout error, or torch's
+            raise ConversionError(f"{self._odd_rank_file(name, shards)}: {name}: {exc}") from None
+
+    def _odd_rank_file(self, name: str, shards: list[torch.Tensor]) -> Path:
+        """The first rank file whose shard differs from TP rank 0's (in shape, else in value)."""
+        files = self.files_of(name)
+        for rank, shard in enumerate(shards[1:], start=1):
+            if shard.shape != shards[0].shape:
+                return files[rank]
+        for rank, shard in enumerate(shards[1:], start=1):
+            if shard.device.type != "meta" and not torch.equal(shard, shards[0]):
+                return files[rank]
+        return files[0]
 
     def dtype(self, name: str) -> torch.dtype:
         return self.shards[name][0].dtype
@@ -98,44 +122,102 @@ def _rank_files(iteration_dir: Path) -> dict[tuple[int, int], Path]:
     return files
 
 
+# Fields of `args` every rank file of one checkpoint must agree on (its parallel layout and shapes).
+LAYOUT_FIELDS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "padded_vocab_size",
+)
+
+
+def parallel_sizes(args, path: Path) -> tuple[int, int, int]:
+    """TP, PP and layer count from a checkpoint's args, refused unless positive integers."""
+    values = []
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers"):
+        value = getattr(args, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+            raise ConversionError(f"{path}: args.{name} is {value!r}, not a positive integer")
+        values.append(value)
+    return tuple(values)
+
+
+def _load_state(path: Path, trust_pickle: bool) -> dict:
+    state = safe_pickle.load(path, trust_pickle=trust_pickle)
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def _rank_name(t: int, p: int, pp: int) -> str:
+    return f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+
+
 def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False) -> LegacyCheckpoint:
     iteration_dir, note = find_iteration_dir(root, iteration)
     files = _rank_files(iteration_dir)
     if not files:
         raise ConversionError(f"{iteration_dir}: no mp_rank_* folders")
-    first = safe_pickle.load(files[min(files)], trust_pickle=trust_pickle)
+    first_path = files[min(files)]
+    first = _load_state(first_path, trust_pickle)
     args = first.get("args")
     if args is None:
-        raise ConversionError(f"{files[min(files)]}: no 'args' in the checkpoint")
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        raise ConversionError(f"{first_path}: no 'args' in the checkpoint")
+    tp, pp, num_layers = parallel_sizes(args, first_path)
     expected = {(t, p) for t in range(tp) for p in range(pp)}
     missing = sorted(expected - set(files))
     if missing:
-        names = ", ".join(f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for t, p in missing)
+        names = ", ".join(_rank_name(t, p, pp) for t, p in missing)
         raise ConversionError(
             f"{iteration_dir}: args say TP={tp} PP={pp} but these ranks are missing: {names}"
+        )
+    extra = sorted(set(files) - expected)
+    if extra:
+        raise ConversionError(
+            f"{files[extra[0]].parent}: a rank the args (TP={tp} PP={pp}) do not have: "
+            "ranks with different layouts?"
         )
     for path in files.values():
         if not path.exists():
             raise ConversionError(f"{path}: missing")
     ckpt = LegacyCheckpoint(Path(root), iteration_dir, args, tp, pp, 1, note=note)
+    ckpt.files = [files[key] for key in sorted(files)]
+    layout = {name: getattr(args, name, None) for name in LAYOUT_FIELDS}
+    first_chunks = sorted(k for k in first if isinstance(k, str) and re.fullmatch(r"model\d*", k))
     layouts: dict[int, set[str]] = {}
     for (t, p), path in sorted(files.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        state = first if (t, p) == min(files) else safe_pickle.load(path, trust_pickle=trust_pickle)
-        chunks = sorted(k for k in state if re.fullmatch(r"model\d*", k))
+        state = first if path == first_path else _load_state(path, trust_pickle)
+        _check_same_layout(path, state, layout, first_path)
+        chunks = sorted(k for k in state if isinstance(k, str) and re.fullmatch(r"model\d*", k))
         if not chunks:
             raise ConversionError(f"{path}: no 'model' entry (not a model checkpoint?)")
+        if chunks != first_chunks:
+            raise ConversionError(f"{path}: holds model chunks {chunks}, {first_path} holds {first_chunks}")
         ckpt.vp = len(chunks) if chunks != ["model"] else 1
+        if num_layers % (pp * ckpt.vp):
+            raise ConversionError(f"{path}: {num_layers} layers do not divide into PP={pp} x VP={ckpt.vp}")
         names = set()
         for chunk in chunks:
+            if not isinstance(state[chunk], dict):
+                raise ConversionError(
+                    f"{path}: '{chunk}' is a {type(state[chunk]).__name__}, not a state dict"
+                )
             virtual = int(chunk[5:] or 0)
             offset = _layer_offset(args, p, virtual, pp, ckpt.vp)
             for key, tensor in state[chunk].items():
                 if not isinstance(tensor, torch.Tensor):
                     continue  # _extra_state None / BytesIO stand-ins
+                if not isinstance(key, str):
+                    raise ConversionError(f"{path}: a tensor under the key {key!r}, not a name")
                 name = _LLM_LAYER.sub(lambda m, o=offset: f"{m.group(1)}{int(m.group(2)) + o}.", key)
                 names.add(name)
                 ckpt.shards.setdefault(name, [None] * tp)[t] = tensor
+                ckpt._stage_files.setdefault(name, [None] * tp)[t] = path
         layouts.setdefault(p, set())
         if t == 0:
             layouts[p] = names
@@ -143,6 +225,18 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
             diff = sorted(names ^ layouts[p])[:5]
             raise ConversionError(f"{path}: holds different tensors than TP rank 0 of its stage: {diff}")
     return ckpt
+
+
+def _check_same_layout(path: Path, state: dict, layout: dict, first_path: Path) -> None:
+    args = state.get("args")
+    if args is None:
+        raise ConversionError(f"{path}: no 'args' in the checkpoint")
+    for name, value in layout.items():
+        if getattr(args, name, None) != value:
+            raise ConversionError(
+                f"{path}: args.{name} is {getattr(args, name, None)!r} but {value!r} in {first_path} "
+                "(ranks with different layouts)"
+            )
 
 
 def _layer_offset(args, pp_rank: int, virtual: int, pp: int, vp: int) -> int:

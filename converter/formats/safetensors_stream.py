@@ -6,16 +6,26 @@ size, a JSON header with each tensor's dtype, shape and byte range, then the raw
 converter knows every tensor's shape and dtype before it reads any data. So this writer lays out
 all shards from the plan, writes each header first and then streams each tensor's bytes as it
 arrives: memory holds one tensor. Files are read back with the safetensors library in the tests.
+
+Because the layout is fixed up front, a writer can write any subset of the shards (`only`): a
+resumed conversion writes the shards an interrupted one did not finish (see shard_progress.py),
+and several writers can share one folder, each with its own shards.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..errors import ConversionError
+from . import shard_progress
+from .checksums import FileDigest
 
 DTYPE_NAMES = {
     torch.float32: "F32",
@@ -29,6 +39,7 @@ DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+DTYPE_OF_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 INDEX = "model.safetensors.index.json"
 
 
@@ -103,57 +114,205 @@ def _header(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-class ShardedWriter:
-    """Write the planned tensors, in plan order, into `folder`."""
+class ShardLayout:
+    """Every shard's tensors, file name and header, fixed from the plan before any data moves."""
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], max_shard_size: int):
-        self.folder = Path(folder)
+    def __init__(self, tensors: list[PlannedTensor], max_shard_size: int):
         self.shards = assign_shards(tensors, max_shard_size)
         self.names = shard_names(len(self.shards))
-        self._order = [t for shard in self.shards for t in shard]
-        self._next = 0
-        self._file = None
-        self._shard = -1
-        self._remaining_in_shard = 0
+        self.headers = [_header(shard, {"format": "pt"}) for shard in self.shards]
+        self._shard_of = {t.name: k for k, shard in enumerate(self.shards) for t in shard}
+
+    def shard_of(self, name: str) -> int:
+        """Index of the shard that holds the planned tensor `name`."""
+        if name not in self._shard_of:
+            raise KeyError(f"{name} is not in the plan")
+        return self._shard_of[name]
+
+    def file_size(self, index: int) -> int:
+        return len(self.headers[index]) + sum(t.nbytes for t in self.shards[index])
 
     @property
     def total_size(self) -> int:
-        return sum(t.nbytes for t in self._order)
+        """Bytes of tensor data (what the index's metadata.total_size records)."""
+        return sum(t.nbytes for shard in self.shards for t in shard)
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: name for shard, name in zip(self.shards, self.names) for t in shard}
 
-    def write(self, name: str, tensor: torch.Tensor) -> int:
-        """Append the next tensor of the plan; returns the bytes written."""
-        planned = self._order[self._next]
-        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(f"writer expected {planned}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if self._remaining_in_shard == 0:
-            self._open_next_shard()
-        data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
-        self._next += 1
-        self._remaining_in_shard -= 1
-        if self._remaining_in_shard == 0:
-            self._file.close()
-            self._file = None
-        return planned.nbytes
-
-    def _open_next_shard(self) -> None:
-        self._shard += 1
-        shard = self.shards[self._shard]
-        self._file = open(self.folder / self.names[self._shard], "wb")  # noqa: SIM115 (closed in write)
-        self._file.write(_header(shard, {"format": "pt"}))
-        self._remaining_in_shard = len(shard)
-
-    def finish(self) -> None:
-        if self._next != len(self._order):
-            raise RuntimeError(f"only {self._next} of {len(self._order)} planned tensors were written")
+    def write_index(self, folder: Path) -> None:
+        """model.safetensors.index.json, when there is more than one shard (as transformers does)."""
         if len(self.names) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map()}
-            (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (Path(folder) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def finished_in(self, folder: Path, fingerprint: str) -> dict[int, FileDigest]:
+        """Shards already in `folder` exactly as this layout and fingerprint would write them
+        (record, size, header and sha256 checked): the ones a resumed run need not write."""
+        found = {}
+        for index, name in enumerate(self.names):
+            digest = shard_progress.reusable(
+                folder, name, self.headers[index], self.file_size(index), fingerprint
+            )
+            if digest is not None:
+                found[index] = digest
+        return found
+
+    def recorded_digests(self, folder: Path, fingerprint: str) -> dict[str, FileDigest]:
+        """sha256 and size of every shard, from the records its writer left (all must be there)."""
+        digests = {name: shard_progress.recorded(folder, name, fingerprint) for name in self.names}
+        missing = [name for name, digest in digests.items() if digest is None]
+        if missing:
+            raise RuntimeError(f"no record of a finished shard for {missing[:3]}")
+        return digests
+
+
+class ShardedWriter:
+    """Write the planned tensors of the shards in `only` (default: all of them) into `folder`.
+
+    The tensors of one shard arrive in plan order. A shard's file is opened at its first tensor;
+    after its last one the file is flushed to disk and recorded (sha256, size, `fingerprint`) for a
+    later resume. Writers with disjoint `only` sets can share a folder: `shard_of(name)` and
+    `wants(name)` tell a caller which tensors to hand to which writer.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        max_shard_size: int,
+        *,
+        only: Iterable[int] | None = None,
+        fingerprint: str = "",
+    ):
+        self.folder = Path(folder)
+        self.layout = ShardLayout(tensors, max_shard_size)
+        self.shards, self.names = self.layout.shards, self.layout.names
+        every = range(len(self.shards))
+        self.only = frozenset(every if only is None else only)
+        if not self.only <= set(every):
+            raise ValueError(f"shards {sorted(self.only - set(every))} are not in the layout")
+        self.fingerprint = fingerprint
+        self._cursor = dict.fromkeys(self.only, 0)
+        self._open: dict[int, tuple] = {}  # shard index -> (file, sha256 hasher)
+
+    @property
+    def total_size(self) -> int:
+        return self.layout.total_size
+
+    @property
+    def size_to_write(self) -> int:
+        """Bytes of tensor data in this writer's shards."""
+        return sum(t.nbytes for index in self.only for t in self.shards[index])
+
+    def weight_map(self) -> dict[str, str]:
+        return self.layout.weight_map()
+
+    def shard_of(self, name: str) -> int:
+        return self.layout.shard_of(name)
+
+    def wants(self, name: str) -> bool:
+        """Whether `name` lies in one of this writer's shards."""
+        return self.layout.shard_of(name) in self.only
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Append the next tensor of its shard; returns the bytes written."""
+        index = self.layout.shard_of(name)
+        if index not in self.only:
+            raise RuntimeError(
+                f"{name} belongs to shard {self.names[index]}, which this writer does not write"
+            )
+        shard, position = self.shards[index], self._cursor[index]
+        planned = shard[position] if position < len(shard) else None
+        if planned is None or (name, tuple(tensor.shape), tensor.dtype) != (
+            planned.name,
+            planned.shape,
+            planned.dtype,
+        ):
+            raise RuntimeError(f"writer expected {planned}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        data = memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        path = self.folder / self.names[index]
+        try:
+            if position == 0:
+                self._begin(index, path)
+            file, hasher = self._open[index]
+            file.write(data)
+            hasher.update(data)
+            self._cursor[index] += 1
+            if self._cursor[index] == len(shard):
+                self._end(index, path)
+        except OSError as exc:
+            raise ConversionError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        return planned.nbytes
+
+    def _begin(self, index: int, path: Path) -> None:
+        import hashlib
+
+        file = open(path, "wb")  # noqa: SIM115 (closed in _end or close)
+        hasher = hashlib.sha256()
+        self._open[index] = (file, hasher)
+        file.write(self.layout.headers[index])
+        hasher.update(self.layout.headers[index])
+
+    def _end(self, index: int, path: Path) -> None:
+        file, hasher = self._open.pop(index)
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        digest = FileDigest(hasher.hexdigest(), self.layout.file_size(index))
+        shard_progress.record(self.folder, self.names[index], digest, self.fingerprint)
+
+    def finish(self) -> None:
+        """Check that every shard of this writer is complete (the index is the layout's job)."""
+        unfinished = [self.names[i] for i in sorted(self.only) if self._cursor[i] != len(self.shards[i])]
+        if unfinished:
+            raise RuntimeError(f"shards left incomplete: {unfinished[:3]}")
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for file, _ in self._open.values():
+            file.close()
+        self._open.clear()
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets), checked against
+    the file: ValueError saying what is wrong for a header that is cut, not JSON, or inconsistent."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as file:
+        raw = file.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{size} bytes: too short for a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise ValueError(f"header length {length} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(file.read(length))
+        except (ValueError, RecursionError):
+            raise ValueError("the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size, covered = size - 8 - length, 0
+    for name, entry in header.items():
+        problem = _entry_problem(entry, data_size)
+        if problem:
+            raise ValueError(f"header entry {name}: {problem}")
+        covered += entry["data_offsets"][1] - entry["data_offsets"][0]
+    if covered != data_size:
+        raise ValueError(f"the header accounts for {covered} bytes of data, the file holds {data_size}")
+    return header
+
+
+def _entry_problem(entry, data_size: int) -> str | None:
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_OF_NAME:
+        return "no known dtype"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        return f"bad shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        return f"bad data_offsets {offsets!r}"
+    start, end = offsets
+    nbytes = PlannedTensor("", tuple(shape), DTYPE_OF_NAME[entry["dtype"]]).nbytes
+    if not 0 <= start <= end <= data_size or end - start != nbytes:
+        return f"data_offsets {offsets} do not hold {nbytes} bytes inside {data_size}"
+    return None

@@ -14,13 +14,16 @@ the chunks that overlap the slice.
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
@@ -28,7 +31,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from ..errors import ConversionError
 from . import safe_pickle
-from .legacy import find_iteration_dir
+from .legacy import find_iteration_dir, parallel_sizes
 
 _STACKED = re.compile(r"^((?:\w+\.)*?decoder\.layers)\.([a-z_].*)$")
 
@@ -62,11 +65,18 @@ class TorchDistCheckpoint:
     vp: int = 1
     entries: dict[str, tuple[str, int | None, TensorStorageMetadata]] = field(default_factory=dict)
     note: str | None = None
+    files: list[Path] = field(default_factory=list)  # every file of the iteration folder
+    storage: dict = field(default_factory=dict)  # DCP MetadataIndex -> (relative path, offset, length)
 
     format = "torch_dist"
 
     def names(self) -> list[str]:
         return list(self.entries)
+
+    def files_of(self, name: str) -> list[Path]:
+        key = self.entries[name][0]
+        paths = {info.relative_path for index, info in self.storage.items() if index.fqn == key}
+        return [self.iteration_dir / path for path in sorted(paths)]
 
     def shape(self, name: str, transform=None) -> tuple[int, ...]:
         key, layer, meta = self.entries[name]
@@ -90,18 +100,35 @@ class TorchDistCheckpoint:
             dest = torch.empty((1, *full[1:]), dtype=meta.properties.dtype)
             offsets = (layer,) + (0,) * (len(full) - 1)
         try:
-            dcp.load(
-                {key: dest},
-                checkpoint_id=str(self.iteration_dir),
-                planner=_SlicePlanner(key, offsets, dest),
-                no_dist=True,
-            )
-        except Exception as exc:
-            raise ConversionError(
-                f"{self.iteration_dir}: cannot read {name} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]})"
-            ) from None
+            with warnings.catch_warnings():  # no_dist=True is what we mean: DCP warns about it regardless
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(
+                    {key: dest},
+                    checkpoint_id=str(self.iteration_dir),
+                    planner=_SlicePlanner(key, offsets, dest),
+                    no_dist=True,
+                )
+        except (Exception, CheckpointException) as exc:  # DCP's own exception is a BaseException
+            raise ConversionError(self._read_failure(name, key, exc)) from None
         return dest[0] if layer is not None else dest
+
+    def _read_failure(self, name: str, key: str, exc: BaseException) -> str:
+        """One line naming the .distcp file whose chunk of `key` does not load, and why."""
+        if isinstance(exc, CheckpointException) and exc.failures:
+            exc = next(iter(exc.failures.values()))[0]
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        for index, info in self.storage.items():
+            if index.fqn != key:
+                continue
+            path = self.iteration_dir / info.relative_path
+            try:
+                with open(path, "rb") as file:
+                    file.seek(info.offset)
+                    torch.load(io.BytesIO(file.read(info.length)), map_location="cpu", weights_only=True)
+            except Exception as chunk_exc:
+                reason = f"{type(chunk_exc).__name__}: {(str(chunk_exc).splitlines() or [''])[0][:200]}"
+                return f"{path}: cannot read {name} at byte {info.offset} ({reason})"
+        return f"{self.iteration_dir}: cannot read {name} ({reason})"
 
 
 def is_torch_dist(path: Path) -> bool:
@@ -119,24 +146,25 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
         raise ConversionError(
             f"{meta_json}: sharded_backend {backend!r} is not supported (only 'torch_dist')"
         )
-    common = safe_pickle.load(iteration_dir / "common.pt", trust_pickle=trust_pickle, mmap=False)
-    args = common.get("args")
+    common_path = iteration_dir / "common.pt"
+    if not common_path.exists():
+        raise ConversionError(f"{common_path}: missing")
+    common = safe_pickle.load(common_path, trust_pickle=trust_pickle, mmap=False)
+    args = common.get("args") if isinstance(common, dict) else None
     if args is None:
-        raise ConversionError(f"{iteration_dir / 'common.pt'}: no 'args'")
+        raise ConversionError(f"{common_path}: no 'args'")
+    tp, pp, _ = parallel_sizes(args, common_path)
     try:
         metadata = dcp.FileSystemReader(str(iteration_dir)).read_metadata()
+        storage = dict(metadata.storage_data)
     except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
         raise ConversionError(
-            f"{iteration_dir / '.metadata'}: unreadable ({type(exc).__name__}: {exc})"
+            f"{iteration_dir / '.metadata'}: unreadable ({type(exc).__name__}: {reason})"
         ) from None
-    ckpt = TorchDistCheckpoint(
-        Path(root),
-        iteration_dir,
-        args,
-        args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
-        note=note,
-    )
+    _check_storage_files(iteration_dir, storage)
+    ckpt = TorchDistCheckpoint(Path(root), iteration_dir, args, tp, pp, note=note, storage=storage)
+    ckpt.files = sorted(p for p in iteration_dir.iterdir() if p.is_file())
     for key, meta in metadata.state_dict_metadata.items():
         if not isinstance(meta, TensorStorageMetadata):
             continue  # _extra_state and other byte objects
@@ -147,3 +175,17 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
         else:
             ckpt.entries[key] = (key, None, meta)
     return ckpt
+
+
+def _check_storage_files(iteration_dir: Path, storage: dict) -> None:
+    """Every .distcp file the metadata names exists and is long enough for its chunks."""
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for relative, length in sorted(needed.items()):
+        path = iteration_dir / relative
+        if not path.is_file():
+            raise ConversionError(f"{path}: missing (the checkpoint's .metadata lists it)")
+        size = path.stat().st_size
+        if size < length:
+            raise ConversionError(f"{path}: truncated ({size:,} bytes; the .metadata says {length:,})")
