@@ -349,5 +349,30 @@ def inspect(src, trust_pickle):
     click.echo(f"{'bytes (as stored)':<28}{total:,}")
 
 
+@main.command()
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    help="Megatron checkpoint the folder was converted from: compare every tensor, bitwise.",
+)
+@click.option("--trust-pickle", is_flag=True, help="As for megatron-to-hf (reading --against).")
+def verify(hf_dir, against, trust_pickle):
+    """Check a Hugging Face folder: index against files, sha256 manifest, names/shapes/dtypes against
+    config.json, and with --against, equality with the Megatron source. Exit 0 when all holds,
+    1 listing what differs, 2 when the input cannot be read."""
+    from .verify import verify_folder
+
+    report = verify_folder(hf_dir, against, trust_pickle)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if report.problems:
+        click.echo(f"{hf_dir}: {len(report.problems)} problem(s)")
+        for problem in report.problems:
+            click.echo(f"  {problem}")
+        raise SystemExit(1)
+    click.echo(f"{hf_dir}: OK: " + "; ".join(report.checked))
+
+
 if __name__ == "__main__":
     main()
