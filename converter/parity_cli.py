@@ -205,9 +205,16 @@ def logits(
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp32", show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 @click.option(
+    "--batch-size",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Items the Megatron side generates together (right-padded; each row as if alone).",
+)
+@click.option(
     "--report", "report_dir", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True
 )
-def bench(megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, report_dir):
+def bench(megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, batch_size, report_dir):
     """Greedy answers of both codebases on a benchmark file, scored with the standard metrics (VQA
     accuracy, ANLS, relaxed accuracy, multiple choice, exact match): benchmark x {Megatron, HF, delta}."""
     from transformers import AutoTokenizer
@@ -238,6 +245,8 @@ def bench(megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, repo
         image_token_id=config.img_context_token_id,
         generate_tokens=max_new_tokens,
         eos_token_id=eos,
+        generate_batch=batch_size,
+        logits=False,
     )
     job.cases = [{"input_ids": c.input_ids, "pixel_values": c.pixel_values} for c in cases]
     megatron = run_ranks(forward_rank, layout, job, backend="nccl" if device == "cuda" else "gloo")

@@ -1,40 +1,69 @@
-"""`make demo`: the main job of nvlm-port on an example checkpoint.
+"""`make demo`: the main job of nvlm-port on the shipped, Megatron-trained example checkpoint.
 
-1. `scripts/make_megatron_checkpoint.py` builds the tiny NVLM-D with Megatron-Core at TP=2 (two gloo
-   ranks on the CPU) and saves a legacy Megatron-LM checkpoint (seeded random weights);
-2. `convert-checkpoint megatron-to-hf` converts it, with the shipped tiny tokenizer;
-3. the folder is loaded with `AutoModel.from_pretrained(..., trust_remote_code=True)` and chats about
-   a generated picture. Random weights answer noise: the point is that the whole path runs. (A
-   Megatron-trained checkpoint to ship with the demo is future work.)
+tests/fixtures/nvlm-d-small-trained/megatron-tp2 is the `small` NVLM-D preset trained with
+Megatron-Core on the synthetic benchmark families (scripts/train_tiny_nvlm.py, docs/TRAINING.md),
+saved at TP=2 in Megatron-LM's legacy format. The demo
+
+1. converts it to a Hugging Face folder with `convert-checkpoint megatron-to-hf` (progress bars);
+2. loads the folder with `AutoModel.from_pretrained(..., trust_remote_code=True)` and asks it about
+   a few pictures of the evaluation set;
+3. runs `parity-check logits` (Megatron-Core at TP=2 on two gloo ranks vs our class, float32, CPU);
+4. runs `parity-check bench` on the shipped evaluation set (tests/fixtures/synthetic-bench) and
+   prints the table family x {majority baseline, Megatron, HF, delta}.
+
+Everything lands in the folder `--out` names (demo-output/ by default): the converted model, both
+reports (report.json / report.md) and the per-layer error plot.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
-from PIL import Image, ImageDraw
-from transformers import AutoModel, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from modeling.processing_nvlm_d import image_to_pixel_values  # noqa: E402
-
-
-def example_image() -> Image.Image:
-    """A 2:1 picture (two tiles + thumbnail at the tiny preset's 64-pixel tiles)."""
-    image = Image.new("RGB", (128, 64), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((8, 8, 56, 56), fill="red")
-    draw.ellipse((72, 8, 120, 56), fill="blue")
-    return image
+FIXTURES = REPO / "tests" / "fixtures"
+CHECKPOINT = FIXTURES / "nvlm-d-small-trained" / "megatron-tp2"
+BENCH = FIXTURES / "synthetic-bench" / "bench.jsonl"
+TOKENIZER = FIXTURES / "tiny-tokenizer"
 
 
-@click.command()
+def _run(title: str, *arguments: str) -> None:
+    """A CLI step as a subprocess: its output (and tqdm bars) go straight to the terminal."""
+    click.secho(f"\n{title}\n$ {' '.join(arguments)}", bold=True)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", *arguments], cwd=REPO)
+    if done.returncode:
+        raise click.ClickException(f"{title}: exit status {done.returncode}")
+    click.echo(f"({time.perf_counter() - started:.0f} s)")
+
+
+def _chat(hf_dir: Path, count: int = 3) -> None:
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    from modeling.processing_nvlm_d import image_to_pixel_values
+
+    entries = [json.loads(line) for line in BENCH.read_text().splitlines()]
+    for entry in entries[:: len(entries) // count][:count]:
+        image = Image.open(BENCH.parent / entry["image"]).convert("RGB")
+        pixels = image_to_pixel_values(image, image_size=model.config.image_size, max_num=6)
+        answer = model.chat(tokenizer, pixels, entry["question"], dict(max_new_tokens=16, do_sample=False))
+        question = entry["question"].splitlines()[0]
+        click.echo(
+            f"  {entry['image']} ({image.width}x{image.height}, {pixels.shape[0]} tiles)  Q: {question}  "
+            f"A: {answer!r}  (reference {entry['answers'][0]!r})"
+        )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -42,67 +71,59 @@ def example_image() -> Image.Image:
     show_default=True,
     help="Folder the demo writes into (replaced).",
 )
-@click.option("--seed", default=0, show_default=True)
-def main(out: Path, seed: int) -> None:
+def main(out: Path) -> None:
+    started = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    megatron_dir, hf_dir = out / "megatron-tiny-tp2", out / "tiny-hf"
-    tokenizer_dir = REPO / "tests" / "fixtures" / "tiny-tokenizer"
-    steps = [
-        (
-            "1. Megatron-Core: tiny NVLM-D at TP=2, saved as a legacy checkpoint",
-            [
-                sys.executable,
-                str(REPO / "scripts" / "make_megatron_checkpoint.py"),
-                "--preset",
-                "tiny",
-                "--tp",
-                "2",
-                "--seed",
-                str(seed),
-                str(megatron_dir),
-            ],
-        ),
-        (
-            "2. convert-checkpoint megatron-to-hf",
-            [
-                sys.executable,
-                "-m",
-                "converter.cli",
-                "megatron-to-hf",
-                str(megatron_dir),
-                str(hf_dir),
-                "--tokenizer",
-                str(tokenizer_dir),
-            ],
-        ),
-    ]
-    for title, command in steps:
-        click.echo(f"{title}\n   $ {' '.join(Path(c).name if c.startswith('/') else c for c in command)}")
-        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if run.returncode:
-            raise click.ClickException(run.stderr[-2000:])
-        click.echo("   " + run.stdout.strip().replace("\n", "\n   "))
-
-    click.echo(f"3. loading {hf_dir} with AutoModel.from_pretrained(..., trust_remote_code=True)")
-    model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-
-    image = example_image()
-    image.save(out / "example.png")
-    pixels = image_to_pixel_values(image, image_size=model.config.image_size, max_num=6)
-    click.echo(f"4. chatting about {out / 'example.png'} ({pixels.shape[0]} tiles incl. thumbnail)")
-    greedy = dict(max_new_tokens=12, do_sample=False)
-    answer, history = model.chat(
-        tokenizer, pixels, "What shapes are in the picture?", greedy, return_history=True
+    hf_dir = out / "nvlm-d-small-hf"
+    sys.path.insert(0, str(REPO))
+    _run(
+        "1. convert the Megatron checkpoint (TP=2, legacy format) to Hugging Face safetensors",
+        "converter.cli",
+        "megatron-to-hf",
+        str(CHECKPOINT),
+        str(hf_dir),
+        "--tokenizer",
+        str(TOKENIZER),
     )
-    click.echo(f"   Q: What shapes are in the picture?\n   A: {answer!r}")
-    answer = model.chat(tokenizer, None, "Which one is red?", greedy, history=history)
-    click.echo(f"   Q: Which one is red?\n   A: {answer!r}")
+    click.secho(f"\n2. AutoModel.from_pretrained({hf_dir.name}, trust_remote_code=True) answers:", bold=True)
+    _chat(hf_dir)
+    _run(
+        "3. logits parity: Megatron-Core (TP=2, two gloo ranks) vs the converted model, float32",
+        "converter.parity_cli",
+        "logits",
+        "--megatron",
+        str(CHECKPOINT),
+        "--hf",
+        str(hf_dir),
+        "--report",
+        str(out / "logits-report"),
+    )
+    _run(
+        "4. benchmark parity on the shipped synthetic evaluation set (500 items, 5 families)",
+        "converter.parity_cli",
+        "bench",
+        "--megatron",
+        str(CHECKPOINT),
+        "--hf",
+        str(hf_dir),
+        "--data",
+        str(BENCH),
+        "--report",
+        str(out / "bench-report"),
+    )
+    report = json.loads((out / "bench-report" / "report.json").read_text())
+    click.secho("\nfamily x {majority baseline, Megatron, HF, delta} (scores in %):", bold=True)
+    click.echo(f"  {'family':16} {'baseline':>8} {'Megatron':>9} {'HF':>7} {'delta':>7}")
+    for name, entry in report["benchmarks"].items():
+        click.echo(
+            f"  {name:16} {entry['majority']:>8.1f} {entry['megatron']:>9.1f} {entry['hf']:>7.1f} "
+            f"{entry['delta']:>+7.1f}"
+        )
     click.echo(
-        "(seeded random weights: the answers are noise; the logits match Megatron's, "
-        "see tests/test_conversion.py)"
+        f"\nreports: {out / 'logits-report'} (report.md, layer_errors.png), {out / 'bench-report'} "
+        f"(report.md); {time.perf_counter() - started:.0f} s in all"
     )
 
 

@@ -142,4 +142,7 @@ def test_bench_scores_both_codebases_alike(checkpoints, tp2_hf, tmp_path):
     for entry in report["benchmarks"].values():
         assert entry["delta"] == 0.0 and 0 <= entry["megatron"] <= 100
     assert all(item["same_answer"] for item in report["items"])
-    assert "| benchmark | metric | n | Megatron | HF | delta |" in (tmp_path / "r" / "report.md").read_text()
+    assert (
+        "| benchmark | metric | n | majority baseline | Megatron | HF | delta |"
+        in (tmp_path / "r" / "report.md").read_text()
+    )

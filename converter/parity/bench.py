@@ -11,6 +11,7 @@ pixels; answers are decoded up to <|im_end|>.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +92,36 @@ def summarise(items: list[Item], megatron_answers: list[str], hf_answers: list[s
         entry["megatron"] += sm
         entry["hf"] += sh
         entry["n"] += 1
-    for entry in benchmarks.values():
+    for name, entry in benchmarks.items():
         entry["megatron"] = 100 * entry["megatron"] / entry["n"]
         entry["hf"] = 100 * entry["hf"] / entry["n"]
         entry["delta"] = entry["hf"] - entry["megatron"]
+        entry["majority_answer"], entry["majority"] = majority_baseline(
+            [item for item in items if item.benchmark == name]
+        )
     return {"benchmarks": benchmarks, "items": per_item}
+
+
+def majority_baseline(items: list[Item]) -> tuple[str, float]:
+    """The trivial baseline: answer every item with the benchmark's most common (first) reference,
+    scored with the benchmark's own metric (percent)."""
+    answer = Counter(item.answers[0] for item in items).most_common(1)[0][0]
+    total = sum(score(item.metric, answer, item.answers, item.options) for item in items)
+    return answer, 100 * total / len(items)
+
+
+def markdown_scores(benchmarks: dict, side: str = "megatron") -> str:
+    """One codebase's scores beside the majority baseline (e.g. to judge a training run)."""
+    lines = ["| benchmark | metric | n | majority baseline | score |", "|---|---|---|---|---|"]
+    for name, entry in benchmarks.items():
+        lines.append(
+            f"| {name} | {entry['metric']} | {entry['n']} | {entry['majority']:.1f} "
+            f"({entry['majority_answer']!r}) | {entry[side]:.1f} |"
+        )
+    mean = sum(entry[side] for entry in benchmarks.values()) / len(benchmarks)
+    baseline = sum(entry["majority"] for entry in benchmarks.values()) / len(benchmarks)
+    lines.append(f"| mean | | | {baseline:.1f} | {mean:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict) -> str:
@@ -104,13 +130,14 @@ def markdown(report: dict) -> str:
         "",
         f"{report['dtype']} on {report['device']}, greedy, up to {report['max_new_tokens']} new tokens",
         "",
-        "| benchmark | metric | n | Megatron | HF | delta |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | metric | n | majority baseline | Megatron | HF | delta |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["benchmarks"].items():
         lines.append(
-            f"| {name} | {entry['metric']} | {entry['n']} | {entry['megatron']:.1f} | {entry['hf']:.1f} | "
-            f"{entry['delta']:+.1f} |"
+            f"| {name} | {entry['metric']} | {entry['n']} | {entry['majority']:.1f} "
+            f"| {entry['megatron']:.1f} | "
+            f"{entry['hf']:.1f} | {entry['delta']:+.1f} |"
         )
     differing = [item for item in report["items"] if not item["same_answer"]]
     lines += ["", f"Items whose answers differ between the codebases: {len(differing)}", ""]

@@ -74,11 +74,15 @@ class MegatronRunner:
         projected = self.model.vision_projection(features.transpose(0, 1).contiguous())
         return projected.transpose(0, 1)
 
-    def _first_stage_input(self, input_ids, pixel_values) -> torch.Tensor:
+    def embed_inputs(self, input_ids, pixel_values=None, images=None) -> torch.Tensor:
+        """The first stage's decoder input [s, b, h]: token embeddings with every placeholder replaced,
+        in order, by the image embeddings (also what training feeds the language model). `images`:
+        embeddings computed before (`image_embeddings`), instead of `pixel_values`."""
         embeddings = self.model.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        if pixel_values is None:
+        if images is None and pixel_values is None:
             return embeddings
-        images = self.image_embeddings(pixel_values)
+        if images is None:
+            images = self.image_embeddings(pixel_values)
         mask = (input_ids == self.image_token_id).transpose(0, 1)  # [s, b]
         if int(mask.sum()) != images.shape[0] * images.shape[1]:
             raise ValueError(
@@ -93,9 +97,14 @@ class MegatronRunner:
 
     @torch.no_grad()
     def forward(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, collect_layers: bool = False
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        collect_layers: bool = False,
+        images: torch.Tensor | None = None,
     ) -> MegatronOutputs | None:
-        """Run every rank; global rank 0 gets the outputs, the others None."""
+        """Run every rank; global rank 0 gets the outputs, the others None. `images`: precomputed
+        image embeddings (first stage) in place of `pixel_values`."""
         input_ids = input_ids.to(self.device)
         batch, seq = input_ids.shape
         hidden_size = self.model.language_model.config.hidden_size
@@ -107,7 +116,7 @@ class MegatronRunner:
                     input_ids=None,
                     position_ids=None,
                     attention_mask=None,
-                    decoder_input=self._first_stage_input(input_ids, pixel_values),
+                    decoder_input=self.embed_inputs(input_ids, pixel_values, images),
                 )
             else:
                 received = torch.empty(seq, batch, hidden_size, dtype=self._dtype, device=self.device)
@@ -163,19 +172,48 @@ class MegatronRunner:
         steps: int,
         eos_token_id: int | None = None,
     ) -> list[int] | None:
-        """Greedy continuation, recomputing the whole sequence each step (no KV cache: simple and
-        exactly the forward above). Every rank runs; global rank 0 returns the new tokens."""
-        ids = input_ids.clone()
-        new: list[int] = []
+        """Greedy continuation of one prompt (see `generate_greedy_batch`)."""
+        new = self.generate_greedy_batch([(input_ids, pixel_values)], steps, eos_token_id)
+        return new[0] if new is not None else None
+
+    @torch.no_grad()
+    def generate_greedy_batch(
+        self,
+        prompts: list[tuple[torch.Tensor, torch.Tensor | None]],
+        steps: int,
+        eos_token_id: int | None = None,
+    ) -> list[list[int]] | None:
+        """Greedy continuations of several prompts ([1, s] ids, pixels or None) in one batch, up to
+        and including <eos>. Every rank runs; global rank 0 returns the new tokens of each prompt.
+
+        Rows are right-padded; each row's next token is read at its own last position and written
+        just after it. Causal attention never lets a position see the padding after it, so a row
+        computes what it would alone. No KV cache: each step recomputes the language model over
+        the batch, exactly the forward above; the image embeddings are computed once."""
+        count = len(prompts)
+        lengths = torch.tensor([ids.shape[1] for ids, _ in prompts])
+        pad = eos_token_id if eos_token_id is not None else 0
+        ids = torch.full((count, int(lengths.max()) + steps), pad, dtype=prompts[0][0].dtype)
+        for row, (prompt, _) in enumerate(prompts):
+            ids[row, : prompt.shape[1]] = prompt[0]
+        pixels = [p for _, p in prompts if p is not None]
+        images = self.image_embeddings(torch.cat(pixels)) if pixels and self.first else None
+        new: list[list[int]] = [[] for _ in prompts]
+        running = torch.ones(count, dtype=torch.bool)
         for _ in range(steps):
-            out = self.forward(ids, pixel_values)
-            best = int(out.logits[0, -1].argmax()) if out is not None else 0  # rank 0 decides
-            token = torch.tensor([best], device=self.device)
-            dist.broadcast(token, src=0)
-            new.append(int(token))
-            if eos_token_id is not None and new[-1] == eos_token_id:
+            out = self.forward(ids[:, : int(lengths.max())], images=images)
+            best = torch.zeros(count, dtype=torch.long, device=self.device)
+            if out is not None:  # rank 0 decides
+                best.copy_(out.logits[torch.arange(count), lengths - 1].argmax(-1))
+            dist.broadcast(best, src=0)
+            best = best.cpu()
+            for row in running.nonzero().flatten().tolist():
+                ids[row, lengths[row]] = best[row]
+                new[row].append(int(best[row]))
+                lengths[row] += 1
+                running[row] = eos_token_id is None or new[row][-1] != eos_token_id
+            if not running.any():
                 break
-            ids = torch.cat([ids, token.cpu().view(1, 1).to(ids.dtype)], dim=1)
         return new if dist.get_rank() == 0 else None
 
     @torch.no_grad()

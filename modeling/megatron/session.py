@@ -43,6 +43,8 @@ class ForwardJob:
     image_token_id: int | None = None  # default: the config's img_context_token_id
     generate_tokens: int = 0  # greedy continuation of each case (0: none)
     eos_token_id: int | None = None
+    generate_batch: int = 1  # cases generated together (right-padded batches)
+    logits: bool = True  # False: only the greedy continuations (benchmarks)
 
 
 def _iteration_dir(checkpoint: str | Path) -> Path:
@@ -139,17 +141,19 @@ def forward_rank(rank: int, job: ForwardJob) -> dict | None:
     runner = MegatronRunner(model, image_token_id=image_token, true_vocab=vocab, device=device)
     outputs = [
         runner.forward(case["input_ids"], case.get("pixel_values"), collect_layers=job.collect_layers)
-        for case in job.cases
+        for case in (job.cases if job.logits else [])
     ]
     native = [runner.forward_native(c["input_ids"], c["pixel_values"], c["num_tiles"]) for c in job.native]
-    generated = (
-        [
-            runner.generate_greedy(
-                case["input_ids"], case.get("pixel_values"), job.generate_tokens, job.eos_token_id
-            )
-            for case in job.cases
-        ]
-        if job.generate_tokens
-        else []
+    # Batches of similar prompt lengths waste little on padding; results go back in case order.
+    order = sorted(
+        range(len(job.cases) if job.generate_tokens else 0), key=lambda k: job.cases[k]["input_ids"].shape[1]
     )
+    by_case = {}
+    for start in range(0, len(order), job.generate_batch):
+        chosen = order[start : start + job.generate_batch]
+        batch = [(job.cases[k]["input_ids"], job.cases[k].get("pixel_values")) for k in chosen]
+        by_case.update(
+            zip(chosen, runner.generate_greedy_batch(batch, job.generate_tokens, job.eos_token_id) or [])
+        )
+    generated = [by_case[k] for k in sorted(by_case)]
     return {"outputs": outputs, "native": native, "generated": generated} if rank == 0 else None
