@@ -108,44 +108,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             eos_token_id=980,  # <|im_end|>
         ),
     ),
-    # Trained by scripts/train_tiny_nvlm.py on the synthetic benchmark (converter/parity/synthetic.py)
-    # and shipped in tests/fixtures/small-trained: wider and deeper than "tiny" so that it learns to
-    # read, still a few MB. 6 real + 2 dummy ViT heads (8 at TP 2/4/8); 2 KV groups (TP 1 or 2).
-    "small": dict(
-        _COMMON,
-        force_image_size=64,
-        img_context_token_id=989,
-        vision_config=dict(
-            architectures=["InternVisionModel"],
-            image_size=64,
-            patch_size=8,
-            hidden_size=96,
-            num_attention_heads=6,
-            num_dummy_heads=2,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            layer_norm_eps=1e-6,
-            qkv_bias=False,
-            qk_normalization=True,
-            hidden_act="gelu",
-            norm_type="rms_norm",
-            initializer_range=0.02,
-            initializer_factor=0.5,
-        ),
-        llm_config=dict(
-            _QWEN2,
-            hidden_size=192,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            vocab_size=1024,
-            bos_token_id=978,
-            eos_token_id=980,
-        ),
-    ),
 }
+
+# Trained by scripts/train_tiny_nvlm.py on the synthetic benchmark (converter/parity/synthetic.py)
+# and shipped in tests/fixtures/nvlm-d-small-trained: "tiny" made wider and deeper so that it
+# learns to read, still 11 MB. 6 real + 2 dummy ViT heads (8 at TP 2/4/8); 2 KV groups (TP 1 or 2).
+PRESETS["small"] = copy.deepcopy(PRESETS["tiny"])
+PRESETS["small"]["vision_config"].update(
+    hidden_size=96, num_attention_heads=6, num_dummy_heads=2, intermediate_size=384, num_hidden_layers=4
+)
+PRESETS["small"]["llm_config"].update(
+    hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2
+)
 
 
 def get_config(name: str, **overrides: Any) -> NVLM_D_Config:
