@@ -23,7 +23,9 @@ from .configuration_nvlm_d import InternVisionConfig
 
 
 class InternRMSNorm(nn.Module):
-    """RMSNorm computed in float32. `variance` may be given precomputed (QK-norm over real channels)."""
+    """RMSNorm with float32 statistics: `(x * rsqrt(mean(x^2) + eps))` cast back to the input dtype,
+    then times the weight (the release's rounding order). `variance` may be given precomputed
+    (QK-norm over the real channels)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -31,12 +33,13 @@ class InternRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
         if variance is None:
-            variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return hidden_states.to(input_dtype) * self.weight
+            # torch's fused kernel: the same float32 formula, one pass over the data on GPUs.
+            normed = F.rms_norm(hidden_states, hidden_states.shape[-1:], eps=self.variance_epsilon)
+        else:
+            # bf16 x float32 promotes to float32 inside the multiply (no separate upcast copy).
+            normed = (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(hidden_states.dtype)
+        return normed * self.weight
 
 
 class InternVisionEmbeddings(nn.Module):
@@ -87,9 +90,12 @@ class InternAttention(nn.Module):
     def _qk_norm(self, x: torch.Tensor, norm: InternRMSNorm) -> torch.Tensor:
         # x: [B, N, heads*head_dim]. The mean of squares runs over the real channels only: the sum of
         # squares of the real heads divided by the real width (dummy heads are zero and must not
-        # dilute it). Megatron computes the same sum across TP ranks.
-        variance = x[..., : self.embed_dim].float().pow(2).sum(-1, keepdim=True) / self.embed_dim
-        return norm(x, variance=variance)
+        # dilute it). Megatron computes the same sum across TP ranks. vector_norm reduces in float32
+        # without the pow/sum temporaries of the written-out formula.
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        real = x[..., : self.embed_dim]
+        sum_sq = torch.linalg.vector_norm(real, dim=-1, keepdim=True, dtype=stat_dtype).square()
+        return norm(x, variance=sum_sq / self.embed_dim)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         B, N, _ = hidden_states.shape

@@ -140,20 +140,32 @@ class NVLM_D_Model(PreTrainedModel):
             raise ValueError(
                 "img_context_token_id is not set: give it in the config or call chat() with a tokenizer"
             )
+        # Count before the vision tower runs: a bad prompt fails fast, and the host sync (reading the
+        # count) falls while the device is idle instead of stalling the launch queue behind the ViT.
+        selected = input_ids == self.img_context_token_id
+        found = int(selected.sum())
         if visual_features is not None:  # precomputed ViT features, as in the release
+            expected = visual_features.shape[:-1].numel()
+        else:
+            tiles = pixel_values.shape[0] if image_flags is None else int((image_flags == 1).sum())
+            expected = tiles * self.num_image_token
+        self._check_placeholders(found, expected)
+        if visual_features is not None:
             vit_embeds = self.mlp1(visual_features.to(self.mlp1[0].weight.device))
         else:
             vit_embeds = self.extract_feature(pixel_values)
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         vit_embeds = vit_embeds.reshape(-1, embeds.shape[-1]).to(embeds.device, embeds.dtype)
-        selected = input_ids == self.img_context_token_id
-        if int(selected.sum()) != vit_embeds.shape[0]:
-            raise ValueError(
-                f"the prompt has {int(selected.sum())} image placeholder tokens but the images give "
-                f"{vit_embeds.shape[0]} embeddings ({self.num_image_token} per tile)"
-            )
+        self._check_placeholders(found, vit_embeds.shape[0])  # shapes only (tiles of another size)
         return embeds.masked_scatter(selected.unsqueeze(-1), vit_embeds)
+
+    def _check_placeholders(self, found: int, embeddings: int) -> None:
+        if found != embeddings:
+            raise ValueError(
+                f"the prompt has {found} image placeholder tokens but the images give {embeddings} "
+                f"embeddings ({self.num_image_token} per tile)"
+            )
 
     # -- forward / generate -----------------------------------------------------------------------
 
@@ -220,10 +232,12 @@ class NVLM_D_Model(PreTrainedModel):
             ).items()
             if v is not None
         }
+        if generation_config is None:  # a GenerationConfig carries its own use_cache
+            generate_kwargs.setdefault("use_cache", True)
+        # transformers computes the logits of the last position only (logits_to_keep=1) at prefill.
         return self.language_model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            use_cache=True,
             **extra,
             **generate_kwargs,
         )
