@@ -636,6 +636,8 @@ def print_table(report: dict) -> None:
         f"{out['prefill_logits_max_abs_diff']:.4g}; max |logit| {out['logits_max_abs']:.3g}), mean abs diff "
         f"{out['logits_mean_abs_diff']:.3g}, top-1 agreement {100 * out['top1_agreement']:.1f}%"
     )
+    same = "yes" if out["ours_greedy_is_own_argmax"] else "no (bf16: cached and uncached kernels round apart)"
+    print(f"our greedy tokens = the argmax of our own uncached forward at every step: {same}")
 
 
 if __name__ == "__main__":
