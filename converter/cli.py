@@ -93,6 +93,7 @@ def _convert_to_hf(
     overwrite,
     check_finite,
     resume=False,
+    workers=1,
 ):
     from .engine import (
         atomic_folder,
@@ -151,7 +152,9 @@ def _convert_to_hf(
             err=True,
         )
     with atomic_folder(Path(dst), overwrite=overwrite, resume=resume) as folder:
-        written = execute_megatron_to_hf(ckpt, steps, folder, limit, check_finite=check_finite, resume=resume)
+        written = execute_megatron_to_hf(
+            ckpt, steps, folder, limit, check_finite=check_finite, resume=resume, workers=workers
+        )
         if resume:
             click.echo(f"resume: {len(written.reused)} of {len(shards)} shard(s) reused, the rest written")
         if dtype in ("official", "bf16"):
@@ -210,6 +213,13 @@ def _convert_to_hf(
     help="Continue in the .DST.partial-PID folder a killed run left: shards it finished are kept "
     "(after checking header, size and sha256), the rest are written.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes writing the output shards (each writes whole shards, streaming; same bytes as 1).",
+)
 def megatron_to_hf(
     src,
     dst,
@@ -224,6 +234,7 @@ def megatron_to_hf(
     overwrite,
     check_finite,
     resume,
+    workers,
 ):
     """Convert a Megatron checkpoint SRC (legacy or torch_dist, any TP/PP/VP) to a Hugging Face folder DST.
 
@@ -245,12 +256,14 @@ def megatron_to_hf(
         overwrite,
         check_finite,
         resume,
+        workers=workers,
     )
 
 
 def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwrite: bool, divisible_by: int):
-    from .engine import HFSource, atomic_folder, hf_steps, write_legacy, write_torch_dist
+    from .engine import atomic_folder
     from .families import family_for_hf_config
+    from .megatron_writers import HFSource, hf_steps, write_legacy, write_torch_dist
 
     config_path = Path(hf_dir) / "config.json"
     if not config_path.exists():
@@ -265,14 +278,14 @@ def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwri
     if missing:
         raise ConversionError(f"{hf_dir}: missing tensors: {sorted(missing)[:5]}")
     steps = hf_steps(table, list(expected))
-    dtype = next(iter({source.get(n).dtype for n in list(expected)[:1]}))
+    dtype = source.meta(next(iter(expected))).dtype  # from the file header, no data read
     tokenizer_vocab = _tokenizer_size(Path(hf_dir))
     args = family.megatron_args(
         config, tp, pp, dtype=dtype, divisible_by=divisible_by, tokenizer_vocab=tokenizer_vocab
     )
     with atomic_folder(dst, overwrite=overwrite) as folder:
         writer = write_legacy if fmt == "torch" else write_torch_dist
-        writer(folder, args, steps, source.get)
+        writer(folder, args, steps, source)
     click.echo(f"wrote {dst}: TP={tp} PP={pp} {fmt}")
 
 

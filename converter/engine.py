@@ -147,10 +147,13 @@ def execute_megatron_to_hf(
     max_shard_size: int,
     check_finite: bool = False,
     resume: bool = False,
+    workers: int = 1,
 ) -> WriteResult:
     """Stream every step's tensors into the planned shards. With `resume`, shards an interrupted
     run left finished in `folder` (record, size, header and sha256 checked) are kept, anything
-    else there is removed, and only the steps with a target in another shard are read."""
+    else there is removed, and only the steps with a target in another shard are read. With
+    `workers` > 1 the shards to write are split among that many processes (converter/workers.py);
+    the index is written here, once, after all of them."""
     planned = [t for s in steps for t in s.targets]
     fingerprint = resume_fingerprint(ckpt, planned, max_shard_size, check_finite)
     layout = ShardLayout(planned, max_shard_size)
@@ -159,33 +162,53 @@ def execute_megatron_to_hf(
         reused = layout.finished_in(folder, fingerprint)
         _remove_all_but(Path(folder), {layout.names[i] for i in reused} | {shard_progress.PROGRESS})
     pending = set(range(len(layout.names))) - set(reused)
-    writer = ShardedWriter(folder, planned, max_shard_size, only=pending, fingerprint=fingerprint)
-    try:
-        with tqdm(
-            total=writer.size_to_write, unit="B", unit_scale=True, desc="tensors -> safetensors", leave=False
-        ) as bar:
-            for step in steps:
-                if not any(writer.wants(t.name) for t in step.targets):
-                    continue
-                try:
-                    whole = ckpt.read(step.source, step.rule.transform)
-                    parts = step.rule.transform.to_hf(whole)
-                except LayoutError as exc:
-                    raise ConversionError(f"{where(ckpt, step.source)}: {step.source}: {exc}") from None
-                for target, part in zip(step.targets, parts):
-                    if not writer.wants(target.name):
-                        continue
-                    part = part.to(target.dtype)
-                    if check_finite and part.is_floating_point() and not bool(torch.isfinite(part).all()):
-                        raise ConversionError(f"{where(ckpt, step.source)}: {step.source} holds NaN or Inf")
-                    bar.update(writer.write(target.name, part))
-        writer.finish()
-    finally:
-        writer.close()
+    if workers > 1 and len(pending) > 1:
+        from .workers import write_in_workers
+
+        write_in_workers(
+            ckpt, steps, folder, layout, pending, max_shard_size, check_finite, fingerprint, workers
+        )
+    else:
+        writer = ShardedWriter(folder, planned, max_shard_size, only=pending, fingerprint=fingerprint)
+        try:
+            with tqdm(
+                total=writer.size_to_write,
+                unit="B",
+                unit_scale=True,
+                desc="tensors -> safetensors",
+                leave=False,
+            ) as bar:
+                stream_steps(ckpt, steps, writer, check_finite, bar.update)
+            writer.finish()
+        finally:
+            writer.close()
     layout.write_index(folder)
     return WriteResult(
         layout.recorded_digests(folder, fingerprint), [layout.names[i] for i in sorted(reused)]
     )
+
+
+def stream_steps(ckpt, steps: list[Step], writer: ShardedWriter, check_finite: bool, advance) -> None:
+    """Read, transform and write, tensor by tensor, the steps with a target in one of the writer's
+    shards; `advance(bytes)` after each tensor written."""
+    # The reader reads ahead in this order (page cache only) while each tensor is written.
+    ckpt.read_order([s.source for s in steps if any(writer.wants(t.name) for t in s.targets)])
+    for step in steps:
+        if not any(writer.wants(t.name) for t in step.targets):
+            continue
+        try:
+            whole = ckpt.read(step.source, step.rule.transform)
+            parts = step.rule.transform.to_hf(whole)
+        except LayoutError as exc:
+            raise ConversionError(f"{where(ckpt, step.source)}: {step.source}: {exc}") from None
+        for target, part in zip(step.targets, parts):
+            if not writer.wants(target.name):
+                continue
+            part = part.to(target.dtype)
+            if check_finite and part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                raise ConversionError(f"{where(ckpt, step.source)}: {step.source} holds NaN or Inf")
+            advance(writer.write(target.name, part))
+        whole = parts = part = None  # free this tensor before the next one is read
 
 
 def _remove_all_but(folder: Path, keep: set[str]) -> None:
@@ -194,135 +217,7 @@ def _remove_all_but(folder: Path, keep: set[str]) -> None:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
-# -- HF -> Megatron ------------------------------------------------------------------------------
-
-
-class HFSource:
-    """A Hugging Face folder's tensors, memory-mapped through safetensors."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
-        if not files:
-            raise ConversionError(f"{self.folder}: no .safetensors files")
-        self._handles = {}
-        self.where = {}
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as exc:
-                raise ConversionError(f"{file}: not a readable safetensors file ({exc})") from None
-            self._handles[file.name] = handle
-            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                self.where[key] = file.name
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.where[name]].get_tensor(name)
-
-
-def hf_steps(table: Table, hf_names: list[str]) -> list[tuple[Rule, str]]:
-    """(row, layer) pairs that together consume every HF tensor exactly once."""
-    pending, steps = set(hf_names), []
-    for name in hf_names:
-        for rule in table.rules:
-            layer = rule.match_hf(name)
-            if layer is not None:
-                steps.append((rule, layer))
-                break
-    for rule, layer in steps:
-        for target in rule.hf_names(layer):
-            if target not in pending:
-                raise ConversionError(f"HF tensor {target} is missing or used twice")
-            pending.discard(target)
-    if pending:
-        raise ConversionError(f"HF tensors no mapping row knows: {_listing(pending)}")
-    return steps
-
-
-def megatron_tensors(source_get, steps, tp: int) -> Iterator[tuple[str, torch.Tensor, Rule]]:
-    """Global Megatron tensors (canonical names, target TP padding) from HF-side tensors."""
-    for rule, layer in steps:
-        parts = [source_get(name) for name in rule.hf_names(layer)]
-        try:
-            whole = rule.transform.from_hf(parts, tp)
-        except LayoutError as exc:
-            raise ConversionError(f"{rule.hf_names(layer)[0]}: {exc}") from None
-        yield rule.megatron_name(layer), whole, rule
-
-
-def write_legacy(folder: Path, args, steps, source_get, *, iteration: int = 1) -> None:
-    """One rank file at a time; each holds its slice of every tensor of its stage."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    per_stage = args.num_layers // pp
-    if args.num_layers % pp:
-        raise ConversionError(f"{args.num_layers} layers do not divide into PP={pp} stages")
-    stages = {}
-    for rule, layer in steps:
-        name = rule.megatron_name(layer)
-        stages.setdefault(legacy.stage_of(name, pp, per_stage, args.num_layers), []).append((rule, layer))
-    with tqdm(total=tp * pp, desc="megatron ranks", leave=False) as bar:
-        for p in range(pp):
-            for t in range(tp):
-                state = {}
-                for name, whole, rule in megatron_tensors(source_get, stages.get(p, []), tp):
-                    piece = rule.transform.split(whole, tp)[t]
-                    state[legacy.local_layer_name(name, p, per_stage)] = piece.clone()
-                legacy.write_rank(folder, iteration, t, p, pp, args, state)
-                bar.update()
-    legacy.write_tracker(folder, iteration)
-
-
-_STACK = __import__("re").compile(r"^((?:\w+\.)*?decoder\.layers)\.(\d+)\.(.*)$")
-
-
-_EXTRA_STATE_OWNERS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
-
-
-def write_torch_dist(folder: Path, args, steps, source_get, *, iteration: int = 1) -> None:
-    """What Megatron-Core's dist_checkpointing.save writes, from a single process: global tensors
-    under the sharded state dict's names (input norms fused into the next linear's name), the
-    layers of each parameter stacked on a leading axis, and an empty `_extra_state` object per
-    linear layer (Megatron-Core's loader expects them). One stacked tensor in memory at a time."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
-
-    groups: dict[str, list] = {}
-    for rule, layer in steps:
-        name = rule.sharded_name(layer)
-        found = _STACK.match(name)
-        key = f"{found.group(1)}.{found.group(3)}" if found else name
-        groups.setdefault(key, []).append((int(found.group(2)) if found else None, rule, layer))
-    path = Path(folder) / legacy.iteration_name(iteration)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for key, members in tqdm(groups.items(), desc="stacking", leave=False):
-        members.sort(key=lambda m: -1 if m[0] is None else m[0])
-        pairs = [(r, l) for _, r, l in members]
-        tensors = [
-            whole for _, whole, _ in megatron_tensors(source_get, pairs, args.tensor_model_parallel_size)
-        ]
-        stacked = members[0][0] is not None
-        state[key] = torch.stack(tensors) if stacked else tensors[0]
-        if key.endswith(_EXTRA_STATE_OWNERS) and "output_layer" not in key:
-            owner = key.rsplit(".", 1)[0]
-            count = len(members) if stacked else 1
-            for index in range(count):
-                # DCP pickles non-tensor values: this stores torch.save([None]), the bytes Megatron-Core
-                # writes for a ShardedObject holding the local spec's None extra state.
-                state[f"{owner}._extra_state/shard_{index}_{count}"] = [None]
-    dcp.save(state, checkpoint_id=str(path), no_dist=True)
-    torch.save({"args": args, "checkpoint_version": 3.0, "iteration": iteration}, path / "common.pt")
-    metadata = {
-        "sharded_backend": "torch_dist",
-        "sharded_backend_version": 1,
-        "common_backend": "torch",
-        "common_backend_version": 1,
-    }
-    (path / "metadata.json").write_text(json.dumps(metadata))
-    legacy.write_tracker(folder, iteration)
+# HF -> Megatron writers: converter/megatron_writers.py
 
 
 # -- output folders --------------------------------------------------------------------------
@@ -421,5 +316,10 @@ def open_megatron(path: Path, *, iteration: int | None = None, trust_pickle: boo
         raise ConversionError(f"{path}: not a checkpoint folder")
     iteration_dir, _ = legacy.find_iteration_dir(path, iteration)
     if (iteration_dir / "metadata.json").exists():
-        return torch_dist.read(path, iteration=iteration, trust_pickle=trust_pickle)
-    return legacy.read(path, iteration=iteration, trust_pickle=trust_pickle)
+        ckpt = torch_dist.read(path, iteration=iteration, trust_pickle=trust_pickle)
+    else:
+        ckpt = legacy.read(path, iteration=iteration, trust_pickle=trust_pickle)
+    # How to open the same checkpoint again (worker processes do): this iteration, this trust.
+    resolved = "release" if iteration_dir.name == "release" else int(iteration_dir.name.removeprefix("iter_"))
+    ckpt.opened_with = {"path": str(path), "iteration": resolved, "trust_pickle": trust_pickle}
+    return ckpt

@@ -75,6 +75,11 @@ class Transform:
             raise LayoutError(f"dim {self.tp_dim} of {tuple(whole.shape)} does not divide by TP={tp}")
         return [t.contiguous() for t in whole.chunk(tp, dim=self.tp_dim)]
 
+    def dist_pieces(self, tp: int) -> int:
+        """Equal chunks along `tp_dim` in which Megatron-Core's torch_dist format stores the global
+        tensor (one per TP rank; a replicated tensor is stored once)."""
+        return 1 if self.tp_dim is None else tp
+
     # -- Megatron global <-> HF ---------------------------------------------------------------
     def to_hf(self, whole: torch.Tensor) -> list[torch.Tensor]:
         return [whole]
@@ -142,6 +147,10 @@ class GatedMLP(Transform):
             raise LayoutError(f"SwiGLU fc1 shards must be equal and even: {[tuple(s.shape) for s in shards]}")
         halves = [shard.chunk(2, dim=0) for shard in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+    def dist_pieces(self, tp: int) -> int:
+        """Megatron-Core saves each rank's gate and up rows as two chunks of [gate; up]."""
+        return 2 * tp
 
     def split(self, whole, tp):
         if whole.shape[0] % (2 * tp):

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
-from . import safe_pickle
+from . import mapped_pages, safe_pickle
+from .read_ahead import ReadAhead
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -70,6 +71,8 @@ class LegacyCheckpoint:
     note: str | None = None
     files: list[Path] = field(default_factory=list)  # every rank file
     _stage_files: dict[str, list[Path]] = field(default_factory=dict)  # global name -> per TP rank
+    _last_read: list[torch.Tensor] = field(default_factory=list, repr=False)  # shards mapped in last
+    _ahead: tuple | None = field(default=None, repr=False)  # (ReadAhead, name -> position) once ordered
 
     format = "torch"
 
@@ -80,8 +83,20 @@ class LegacyCheckpoint:
         return self._stage_files.get(name, [])
 
     def read(self, name: str, transform) -> torch.Tensor:
-        """The global tensor of `name`, merging its TP shards with the row's transform."""
+        """The global tensor of `name`, merging its TP shards with the row's transform. The pages
+        of the previous read's shards are given back first: a reader streaming tensor by tensor
+        keeps one tensor's shards resident, not the whole checkpoint (formats/mapped_pages.py)."""
+        mapped_pages.release(self._last_read)
+        self._last_read = self.shards[name]
+        if self._ahead is not None and name in self._ahead[1]:
+            self._ahead[0].reached(self._ahead[1][name])
         return self._merged(name, self.shards[name], transform)
+
+    def read_order(self, names: list[str]) -> None:
+        """The tensors about to be read, in order: their bytes are read ahead into the page cache
+        while the current one is being written (formats/read_ahead.py)."""
+        items = [[r for r in map(mapped_pages.file_range, self.shards[n]) if r is not None] for n in names]
+        self._ahead = (ReadAhead(items), {name: k for k, name in enumerate(names)})
 
     def shape(self, name: str, transform) -> tuple[int, ...]:
         metas = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in self.shards[name]]
@@ -249,14 +264,22 @@ def rank_dir(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int) ->
     return Path(root) / iteration_name(iteration) / name
 
 
-def write_rank(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int, args, model: dict) -> Path:
+def rank_contents(args, iteration: int, model: dict) -> dict:
+    """What a Megatron-LM rank file holds (model only: no optimizer, no RNG state)."""
+    return {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model}
+
+
+def rank_file(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    """The rank's model_optim_rng.pt path, its folder created."""
     path = rank_dir(root, iteration, tp_rank, pp_rank, pp)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model},
-        path / "model_optim_rng.pt",
-    )
     return path / "model_optim_rng.pt"
+
+
+def write_rank(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int, args, model: dict) -> Path:
+    path = rank_file(root, iteration, tp_rank, pp_rank, pp)
+    torch.save(rank_contents(args, iteration, model), path)
+    return path
 
 
 def write_tracker(root: Path, iteration: int) -> None:

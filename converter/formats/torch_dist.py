@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from ..errors import ConversionError
 from . import safe_pickle
 from .legacy import find_iteration_dir, parallel_sizes
+from .read_ahead import FileRange, ReadAhead
 
 _STACKED = re.compile(r"^((?:\w+\.)*?decoder\.layers)\.([a-z_].*)$")
 
@@ -55,6 +56,17 @@ class _SlicePlanner(DefaultLoadPlanner):
         return dest
 
 
+class _KnownMetadataReader(dcp.FileSystemReader):
+    """DCP's file reader, given the checkpoint's metadata instead of unpickling it at every load."""
+
+    def __init__(self, path: Path, metadata):
+        super().__init__(str(path))
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):
+        return self._metadata
+
+
 @dataclass
 class TorchDistCheckpoint:
     root: Path
@@ -67,6 +79,8 @@ class TorchDistCheckpoint:
     note: str | None = None
     files: list[Path] = field(default_factory=list)  # every file of the iteration folder
     storage: dict = field(default_factory=dict)  # DCP MetadataIndex -> (relative path, offset, length)
+    metadata: object = field(default=None, repr=False)  # DCP Metadata, read once (not at every read)
+    _ahead: tuple | None = field(default=None, repr=False)  # (ReadAhead, name -> position) once ordered
 
     format = "torch_dist"
 
@@ -92,6 +106,8 @@ class TorchDistCheckpoint:
         return count * torch.empty((), dtype=self.dtype(name)).element_size()
 
     def read(self, name: str, transform=None) -> torch.Tensor:
+        if self._ahead is not None and name in self._ahead[1]:
+            self._ahead[0].reached(self._ahead[1][name])
         key, layer, meta = self.entries[name]
         full = tuple(meta.size)
         if layer is None:
@@ -104,13 +120,33 @@ class TorchDistCheckpoint:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(
                     {key: dest},
-                    checkpoint_id=str(self.iteration_dir),
+                    storage_reader=_KnownMetadataReader(self.iteration_dir, self.metadata),
                     planner=_SlicePlanner(key, offsets, dest),
                     no_dist=True,
                 )
         except (Exception, CheckpointException) as exc:  # DCP's own exception is a BaseException
             raise ConversionError(self._read_failure(name, key, exc)) from None
         return dest[0] if layer is not None else dest
+
+    def read_order(self, names: list[str]) -> None:
+        """The tensors about to be read, in order: the .distcp byte ranges of their chunks are read
+        ahead into the page cache while the current one is being written (formats/read_ahead.py)."""
+        chunks: dict[str, list] = {}
+        for index, info in self.storage.items():
+            chunks.setdefault(index.fqn, []).append((index, info))
+        items = []
+        for name in names:
+            key, layer, _ = self.entries[name]
+            items.append(
+                [
+                    FileRange(str(self.iteration_dir / info.relative_path), info.offset, info.length)
+                    for index, info in sorted(
+                        chunks.get(key, []), key=lambda c: (c[1].relative_path, c[1].offset)
+                    )
+                    if layer is None or index.offset[0] == layer
+                ]
+            )
+        self._ahead = (ReadAhead(items), {name: k for k, name in enumerate(names)})
 
     def _read_failure(self, name: str, key: str, exc: BaseException) -> str:
         """One line naming the .distcp file whose chunk of `key` does not load, and why."""
@@ -164,6 +200,7 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
         ) from None
     _check_storage_files(iteration_dir, storage)
     ckpt = TorchDistCheckpoint(Path(root), iteration_dir, args, tp, pp, note=note, storage=storage)
+    ckpt.metadata = metadata
     ckpt.files = sorted(p for p in iteration_dir.iterdir() if p.is_file())
     for key, meta in metadata.state_dict_metadata.items():
         if not isinstance(meta, TensorStorageMetadata):

@@ -1,0 +1,1 @@
+"""Pieces of scripts/bench_convert.py: synthetic full-width checkpoints, measurements, the report."""
