@@ -42,6 +42,7 @@ class HFSource:
         self._handles = {}
         self.where = {}
         self._fetched: dict[str, torch.Tensor] = {}
+        self._mappings = mapped_pages.FileMappings(files)
         for file in files:
             try:
                 handle = safe_open(str(file), framework="pt")
@@ -56,10 +57,14 @@ class HFSource:
         self._fetched[name] = tensor
         return tensor
 
-    def release(self, names: list[str]) -> None:
+    def release(self, names: list[str], still_used: torch.Tensor | None = None) -> None:
         """Give back the resident pages of tensors that have been used (see formats/mapped_pages.py):
-        otherwise every page read stays resident until the folder is closed."""
-        mapped_pages.release([self._fetched.pop(name, None) for name in names])
+        otherwise every page read stays resident until the folder is closed. Tensors that
+        `still_used` is a view of are kept for a later call."""
+        tensors = [self._fetched.get(name) for name in names]
+        if still_used is not None and mapped_pages.overlaps(still_used, tensors):
+            return
+        self._mappings.release([self._fetched.pop(name, None) for name in names])
 
     def meta(self, name: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype of `name` (from the file header only)."""
@@ -120,6 +125,7 @@ def write_legacy(folder: Path, args, steps, source, *, iteration: int = 1) -> No
             try:
                 for index, (rule, layer) in enumerate(members):
                     whole = megatron_tensor(source.get, rule, layer, tp)
+                    _release(source, rule, layer, still_used=whole)  # done with them unless viewed
                     size = _nbytes(whole)
                     pieces = rule.transform.split(whole, tp)
                     del whole
@@ -159,10 +165,11 @@ def _lay_out_stage(folder, args, iteration, p, members, source, per_stage) -> li
     return files
 
 
-def _release(source, rule: Rule, layer: str) -> None:
-    """Tell a source that a row's HF tensors are written (a memory-mapped one gives their pages back)."""
+def _release(source, rule: Rule, layer: str, still_used: torch.Tensor | None = None) -> None:
+    """Tell a source that a row's HF tensors are used (a memory-mapped one gives their pages back,
+    unless `still_used` is a view of them)."""
     if hasattr(source, "release"):
-        source.release(rule.hf_names(layer))
+        source.release(rule.hf_names(layer), still_used)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -259,5 +266,6 @@ class _LatestTensor:
                 _release(self._source, *previous)
             rule, layer = self._members_of[key][index]
             self._tensor = megatron_tensor(self._source.get, rule, layer, self._tp)
+            _release(self._source, rule, layer, still_used=self._tensor)
             self._which = (key, index)
         return self._tensor

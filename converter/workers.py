@@ -11,6 +11,7 @@ bar; the index (and the manifest, by the caller) is written once, after every wo
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class WorkerJob:
     check_finite: bool
     fingerprint: str
     shards: list[int]
+    threads: int  # torch intra-op threads of this worker (the CPUs shared among the workers)
 
 
 def write_in_workers(
@@ -61,8 +63,9 @@ def write_in_workers(
     events = context.Queue()
     processes = []
     for group in groups:
+        threads = max(1, (os.cpu_count() or 1) // len(groups))
         job = WorkerJob(
-            ckpt.opened_with, steps, str(folder), max_shard_size, check_finite, fingerprint, group
+            ckpt.opened_with, steps, str(folder), max_shard_size, check_finite, fingerprint, group, threads
         )
         processes.append(
             context.Process(target=_work, args=(job, events), name="nvlm-port-worker", daemon=True)
@@ -106,9 +109,12 @@ def _follow(processes, events, total: int, count: int) -> None:
 
 def _work(job: WorkerJob, events) -> None:
     """One worker: its shards, streamed; progress, completion or the error message to the parent."""
+    import torch
+
     from .engine import open_megatron, stream_steps
     from .formats.safetensors_stream import ShardedWriter
 
+    torch.set_num_threads(job.threads)  # N workers x all CPUs each would oversubscribe the machine
     try:
         ckpt = open_megatron(
             Path(job.opened_with["path"]),

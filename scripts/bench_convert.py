@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -54,11 +55,12 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _measured(command: list[str], output: Path, env: dict, sources: list[Path]):
+def _measured(command: list[str], output: Path, job, sources: list[Path]):
     for source in sources:
         measure.drop_from_page_cache(source)
     before = _children_cpu()
-    run = measure.run_measured(command, output, env)
+    # Run in the tree under test: `python -m` puts the working folder first on sys.path.
+    run = measure.run_measured(command, output, job.env, cwd=job.code)
     if run.returncode != 0:
         raise click.ClickException(f"{shlex.join(command)} failed ({run.returncode}):\n{run.output_tail}")
     return run, _children_cpu() - before
@@ -89,7 +91,13 @@ def _disk_needed(size: synthetic.Sizes, reverse: bool) -> int:
     help="Output shard size. Smaller than the converter's 4GB default so that a slice of a few "
     "layers has about as many shards per worker as the full model has at 4GB.",
 )
-@click.option("--repeats", type=int, default=1, show_default=True, help="Floor and conversions per repeat.")
+@click.option(
+    "--repeats",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Times to measure the floor and each conversion (medians reported).",
+)
 @click.option("--hf-to-megatron", "reverse", is_flag=True, help="Also time converting the output back.")
 @click.option(
     "--workdir",
@@ -104,7 +112,14 @@ def _disk_needed(size: synthetic.Sizes, reverse: bool) -> int:
     help="nvlm-port tree whose convert-checkpoint is timed (to compare two versions).",
 )
 @click.option(
-    "--max-minutes", type=float, help="Start no new depth/format after this long (results so far kept)."
+    "--max-minutes",
+    type=float,
+    help="Start no new build or conversion after this long (what was measured is kept).",
+)
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Run the 1-worker conversions under cProfile and list where their time went (adds a little).",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the raw results here.")
 @click.option("--append-doc", is_flag=True, help="Append the table to docs/PERFORMANCE.md.")
@@ -120,6 +135,7 @@ def main(
     workdir,
     code,
     max_minutes,
+    profile,
     json_path,
     append_doc,
     keep_outputs,
@@ -146,18 +162,20 @@ def main(
             f"{' and the converted-back checkpoint' if reverse else ''}); pass smaller --depths or "
             "another --workdir"
         )
+    code = Path(code).resolve()
     env = dict(os.environ, PYTHONPATH=str(code))
     python = sys.executable
     disk_line, machine_line = report.disk(work), report.machine()
     click.echo(f"{machine_line}; disk {disk_line}; work folder {work}", err=True)
     results: list[report.Result] = []
+    deadline = Deadline(started, max_minutes)
     try:
-        for depth in depth_list:
-            for fmt in format_list:
-                if max_minutes and time.monotonic() - started > max_minutes * 60:
-                    click.echo(f"--max-minutes {max_minutes} reached: skipping K={depth} {fmt}", err=True)
+        # Format by format, so that a run cut short by --max-minutes still has both depths of the first.
+        for fmt in format_list:
+            for depth in depth_list:
+                if deadline.passed(f"K={depth} {fmt}"):
                     continue
-                results += _bench_one(
+                job = Job(
                     work,
                     depth,
                     fmt,
@@ -166,11 +184,12 @@ def main(
                     max_shard_size,
                     repeats,
                     reverse,
-                    slice_sizes[depth],
                     python,
                     env,
-                    keep_outputs,
+                    code,
+                    profile,
                 )
+                results += _bench_one(job, slice_sizes[depth], keep_outputs, deadline)
     finally:
         if not keep_outputs:
             shutil.rmtree(work, ignore_errors=True)
@@ -180,6 +199,7 @@ def main(
         + "\n"
         + f"Memory target per row: {report.largest_hint(full.largest)}.\n\n"
         + report.projection(results, full.megatron_bytes, full.hf_bytes)
+        + report.profiles(results)
     )
     click.echo("\n" + body)
     command = "python scripts/bench_convert.py " + shlex.join(sys.argv[1:])
@@ -201,63 +221,103 @@ def main(
     click.echo(f"total {time.monotonic() - started:.0f} s", err=True)
 
 
-def _bench_one(
-    work, depth, fmt, tp, workers, max_shard_size, repeats, reverse, size, python, env, keep_outputs
-) -> list[report.Result]:
-    checkpoint, output, floor_copy, back = (
-        work / f"k{depth}-{fmt}",
-        work / "hf",
-        work / "floor",
-        work / "back",
-    )
+class Deadline:
+    """--max-minutes: no new build or conversion starts after it (those measured are kept)."""
+
+    def __init__(self, started: float, minutes: float | None):
+        self.started, self.minutes = started, minutes
+
+    def passed(self, what: str) -> bool:
+        if self.minutes is None or time.monotonic() - self.started < self.minutes * 60:
+            return False
+        click.echo(f"--max-minutes {self.minutes} reached: {what} skipped", err=True)
+        return True
+
+
+@dataclass
+class Job:
+    work: Path
+    depth: int
+    fmt: str
+    tp: int
+    workers: list[int]
+    max_shard_size: str
+    repeats: int
+    reverse: bool
+    python: str
+    env: dict
+    code: Path  # the nvlm-port tree whose converter runs
+    profile: bool
+
+
+def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[report.Result]:
+    depth, fmt = job.depth, job.fmt
+    checkpoint, output, floor_copy = job.work / f"k{depth}-{fmt}", job.work / "hf", job.work / "floor"
     start = time.monotonic()
-    synthetic.write_checkpoint(checkpoint, synthetic.slice_config(depth), fmt, tp)
+    synthetic.write_checkpoint(checkpoint, synthetic.slice_config(depth), fmt, job.tp)
     measure.sync_files(checkpoint)
     source_bytes = measure.total_bytes(checkpoint)
     click.echo(
         f"K={depth} {fmt}: wrote {source_bytes / GB:.2f} GB in {time.monotonic() - start:.0f} s", err=True
     )
     forward = {
-        w: report.Result("megatron-to-hf", fmt, depth, w, source_bytes, 0, size.largest) for w in workers
+        w: report.Result("megatron-to-hf", fmt, depth, w, source_bytes, 0, size.largest) for w in job.workers
     }
     backward = report.Result("hf-to-megatron", fmt, depth, 1, 0, 0, size.largest)
-    for _ in range(repeats):
+    for _ in range(job.repeats):
+        if deadline.passed(f"a repeat of K={depth} {fmt}"):
+            break
         seconds, _copied = measure.timed_floor(checkpoint, floor_copy)
         shutil.rmtree(floor_copy)
-        for w in workers:
-            command = [python, "-m", "converter.cli", "megatron-to-hf", str(checkpoint), str(output)]
-            command += ["--no-tokenizer", "--overwrite", "--max-shard-size", max_shard_size]
+        for w in job.workers:
+            if deadline.passed(f"K={depth} {fmt} workers={w}"):
+                break
+            stats = job.work / f"k{depth}-{fmt}.pstats"
+            profiler = ["-m", "cProfile", "-o", str(stats)] if job.profile and w == 1 else []
+            command = [
+                job.python,
+                *profiler,
+                "-m",
+                "converter.cli",
+                "megatron-to-hf",
+                str(checkpoint),
+                str(output),
+            ]
+            command += ["--no-tokenizer", "--overwrite", "--max-shard-size", job.max_shard_size]
             command += ["--workers", str(w)] if w > 1 else []
-            run, cpu = _measured(command, output, env, [checkpoint])
-            result = forward[w]
-            result.output_bytes = measure.total_bytes(output)
-            _record(result, seconds, run, cpu)
+            run, cpu = _measured(command, output, job, [checkpoint])
+            forward[w].output_bytes = measure.total_bytes(output)
+            _record(forward[w], seconds, run, cpu)
+            if profiler:
+                forward[w].profile = report.top_functions(stats)
             click.echo(
                 f"K={depth} {fmt} workers={w}: {run.wall_s:.1f} s (floor {seconds:.1f} s), "
                 f"peak {run.peak_tree_rss / 2**30:.2f} GiB",
                 err=True,
             )
-            if reverse and w == workers[0]:
-                _time_back(output, back, fmt, tp, backward, checkpoint, python, env, keep_outputs)
+            if job.reverse and w == job.workers[0]:
+                _time_back(job, output, backward, keep_outputs)
             if not keep_outputs:
                 shutil.rmtree(output)
     if not keep_outputs:
         shutil.rmtree(checkpoint)
-    return list(forward.values()) + ([backward] if reverse else [])
+    measured = [r for r in [*forward.values(), backward] if r.wall_s]
+    return measured
 
 
-def _time_back(output, back, fmt, tp, result, checkpoint, python, env, keep_outputs) -> None:
+def _time_back(job: Job, output: Path, result: report.Result, keep_outputs: bool) -> None:
     """hf-to-megatron of the converted folder; its floor is a plain copy of that folder."""
+    back = job.work / "back"
     seconds, _ = measure.timed_floor(output, back)
     shutil.rmtree(back)
-    command = [python, "-m", "converter.cli", "hf-to-megatron", str(output), str(back)]
-    command += ["--tp", str(tp), "--format", fmt, "--overwrite"]
-    run, cpu = _measured(command, back, env, [output])
+    command = [job.python, "-m", "converter.cli", "hf-to-megatron", str(output), str(back)]
+    command += ["--tp", str(job.tp), "--format", job.fmt, "--overwrite"]
+    run, cpu = _measured(command, back, job, [output])
     result.source_bytes = measure.total_bytes(output)
     result.output_bytes = measure.total_bytes(back)
     _record(result, seconds, run, cpu)
     click.echo(
-        f"  hf-to-megatron {fmt}: {run.wall_s:.1f} s (floor {seconds:.1f} s), "
+        f"  hf-to-megatron {job.fmt}: {run.wall_s:.1f} s (floor {seconds:.1f} s), "
         f"peak {run.peak_tree_rss / 2**30:.2f} GiB",
         err=True,
     )

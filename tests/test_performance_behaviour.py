@@ -173,17 +173,23 @@ def test_page_release_drops_mapped_pages_and_keeps_their_data(tmp_path):
     path = tmp_path / "t.pt"
     torch.save({"t": torch.arange(64 * MiB // 8, dtype=torch.int64)}, path)
     tensor = torch.load(path, mmap=True, weights_only=True)["t"]
+    mappings = mapped_pages.FileMappings([path])
     process = psutil.Process()
     before = process.memory_info().rss
     total = int(tensor.sum())
     touched = process.memory_info().rss
-    mapped_pages.release([tensor])
+    mappings.release([tensor])
     released = process.memory_info().rss
     assert touched - before > 48 * MiB and touched - released > 48 * MiB
     assert int(tensor.sum()) == total  # the pages come back from the file
     ordinary = torch.arange(1000)
-    mapped_pages.release([ordinary])  # ordinary memory is left alone (madvise would zero it)
+    mappings.release([ordinary])  # ordinary memory is left alone (madvise would zero it)
     assert torch.equal(ordinary, torch.arange(1000))
+    other = tmp_path / "other.pt"
+    torch.save({"t": torch.arange(1000)}, other)
+    elsewhere = torch.load(other, mmap=True, weights_only=True)["t"]
+    assert mappings.file_range(elsewhere) is None  # another file's mapping is not this owner's
+    assert mappings.file_range(tensor).path == str(path.resolve())
 
 
 @pytest.mark.slow

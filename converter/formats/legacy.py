@@ -73,6 +73,14 @@ class LegacyCheckpoint:
     _stage_files: dict[str, list[Path]] = field(default_factory=dict)  # global name -> per TP rank
     _last_read: list[torch.Tensor] = field(default_factory=list, repr=False)  # shards mapped in last
     _ahead: tuple | None = field(default=None, repr=False)  # (ReadAhead, name -> position) once ordered
+    _mapped: mapped_pages.FileMappings | None = field(default=None, repr=False)  # of `files`
+
+    @property
+    def mappings(self) -> mapped_pages.FileMappings:
+        """Where this checkpoint's rank files are mapped (the shards are views of them)."""
+        if self._mapped is None:
+            self._mapped = mapped_pages.FileMappings(self.files)
+        return self._mapped
 
     format = "torch"
 
@@ -86,16 +94,22 @@ class LegacyCheckpoint:
         """The global tensor of `name`, merging its TP shards with the row's transform. The pages
         of the previous read's shards are given back first: a reader streaming tensor by tensor
         keeps one tensor's shards resident, not the whole checkpoint (formats/mapped_pages.py)."""
-        mapped_pages.release(self._last_read)
-        self._last_read = self.shards[name]
+        self.mappings.release(self._last_read)
+        shards = self.shards[name]
         if self._ahead is not None and name in self._ahead[1]:
             self._ahead[0].reached(self._ahead[1][name])
-        return self._merged(name, self.shards[name], transform)
+        merged = self._merged(name, shards, transform)
+        if mapped_pages.overlaps(merged, shards):
+            self._last_read = shards  # the result is a view of a shard: given back at the next read
+        else:
+            self.mappings.release(shards)  # merged into a copy: the shards' pages are done with
+            self._last_read = []
+        return merged
 
     def read_order(self, names: list[str]) -> None:
         """The tensors about to be read, in order: their bytes are read ahead into the page cache
         while the current one is being written (formats/read_ahead.py)."""
-        items = [[r for r in map(mapped_pages.file_range, self.shards[n]) if r is not None] for n in names]
+        items = [[r for r in map(self.mappings.file_range, self.shards[n]) if r is not None] for n in names]
         self._ahead = (ReadAhead(items), {name: k for k, name in enumerate(names)})
 
     def shape(self, name: str, transform) -> tuple[int, ...]:

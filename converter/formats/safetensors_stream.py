@@ -18,13 +18,14 @@ import json
 import os
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConversionError
-from . import shard_progress
+from . import shard_progress, writeback
 from .checksums import FileDigest
 
 DTYPE_NAMES = {
@@ -41,6 +42,7 @@ DTYPE_NAMES = {
 }
 DTYPE_OF_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 INDEX = "model.safetensors.index.json"
+_WRITEBACK_FROM = 16 << 20  # tensors this large start their writeback at once (formats/writeback.py)
 
 
 def parse_size(text: str | int) -> int:
@@ -195,6 +197,7 @@ class ShardedWriter:
         self.fingerprint = fingerprint
         self._cursor = dict.fromkeys(self.only, 0)
         self._open: dict[int, tuple] = {}  # shard index -> (file, sha256 hasher)
+        self._hasher_thread: ThreadPoolExecutor | None = None
 
     @property
     def total_size(self) -> int:
@@ -236,8 +239,14 @@ class ShardedWriter:
             if position == 0:
                 self._begin(index, path)
             file, hasher = self._open[index]
-            file.write(data)
-            hasher.update(data)
+            # sha256 on a second thread while the bytes go to the file (both release the GIL)
+            hashed = self._hashing().submit(hasher.update, data)
+            try:
+                file.write(data)
+                if len(data) >= _WRITEBACK_FROM:
+                    writeback.start(file.fileno())  # the disk writes while the next tensor is read
+            finally:
+                hashed.result()
             self._cursor[index] += 1
             if self._cursor[index] == len(shard):
                 self._end(index, path)
@@ -258,6 +267,8 @@ class ShardedWriter:
         file, hasher = self._open.pop(index)
         file.flush()
         os.fsync(file.fileno())
+        if hasattr(os, "posix_fadvise"):  # on disk now: drop it from the page cache (drop-behind), so
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # memory stays free for reading
         file.close()
         digest = FileDigest(hasher.hexdigest(), self.layout.file_size(index))
         shard_progress.record(self.folder, self.names[index], digest, self.fingerprint)
@@ -268,10 +279,18 @@ class ShardedWriter:
         if unfinished:
             raise RuntimeError(f"shards left incomplete: {unfinished[:3]}")
 
+    def _hashing(self) -> ThreadPoolExecutor:
+        if self._hasher_thread is None:
+            self._hasher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        return self._hasher_thread
+
     def close(self) -> None:
         for file, _ in self._open.values():
             file.close()
         self._open.clear()
+        if self._hasher_thread is not None:
+            self._hasher_thread.shutdown()
+            self._hasher_thread = None
 
 
 def read_header(path: Path) -> dict[str, dict]:

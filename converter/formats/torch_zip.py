@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from . import writeback
+
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature ... file name length, extra length
 _LOCAL_SIGNATURE = 0x04034B50
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
@@ -33,6 +35,7 @@ _END_SIGNATURE = b"PK\x05\x06"
 _ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
 _ZIP64_END_SIGNATURE = b"PK\x06\x06"
 _MAX_WRITE = 1 << 30  # one pwrite call writes at most this many bytes (Linux stops near 2 GiB)
+_WRITEBACK_FROM = 16 << 20  # tensors this large start their writeback at once (writeback.py)
 
 
 @dataclass
@@ -149,6 +152,8 @@ class StreamedTorchSave:
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done : done + _MAX_WRITE], record.offset + done)
+        if record.nbytes >= _WRITEBACK_FROM:
+            writeback.start(self._fd)  # the disk writes while the next tensor is made
         record.crc = zlib.crc32(data)
         record.written = True
         return record.nbytes

@@ -139,10 +139,10 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def run_measured(command: list[str], outputs: Path, env: dict | None = None) -> Run:
+def run_measured(command: list[str], outputs: Path, env: dict | None = None, cwd: Path | None = None) -> Run:
     """Run `command`, polling its tree's memory; then fsync `outputs` (counted in wall_s)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     with TreeMemoryPoller(process.pid) as poller:
         output = process.communicate()[0].decode(errors="replace")
     process_s = time.perf_counter() - start

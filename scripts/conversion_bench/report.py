@@ -10,6 +10,7 @@ import shutil
 import statistics
 import subprocess
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 GIB = 2**30
 TIME_TARGET = 1.25  # wall <= 1.25 x the raw I/O floor
@@ -33,6 +34,7 @@ class Result:
     cpu_s: list[float] = field(default_factory=list)
     peak_tree_rss: list[int] = field(default_factory=list)
     peak_single_rss: list[int] = field(default_factory=list)
+    profile: list[str] = field(default_factory=list)  # with --profile: the top functions by own time
 
     @property
     def floor(self) -> float:
@@ -90,12 +92,16 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+FLAT = 2**27  # 128 MiB: a deeper slice's peak at most this much higher counts as the same (noise)
+
+
 def projection(results: list[Result], full_source_bytes: int, full_output_bytes: int) -> str:
-    """Per (direction, format, workers) with two depths: wall time from the per-byte slope between
-    them, and peak memory from its per-layer slope, extended to the full model."""
+    """Per (direction, format, workers) measured at two depths or more: the full model's time at
+    the deepest slice's rate (and, beside it, at the per-byte slope between the depths) against
+    the floor at its rate, and its peak memory (flat when the depths agree within FLAT, else
+    extended by the per-layer slope to the full depth: 80 LLM layers)."""
     lines = []
-    keys = sorted({(r.direction, r.fmt, r.workers) for r in results})
-    for direction, fmt, workers in keys:
+    for direction, fmt, workers in sorted({(r.direction, r.fmt, r.workers) for r in results}):
         runs = sorted(
             (r for r in results if (r.direction, r.fmt, r.workers) == (direction, fmt, workers)),
             key=lambda r: r.depth,
@@ -103,21 +109,48 @@ def projection(results: list[Result], full_source_bytes: int, full_output_bytes:
         if len(runs) < 2 or runs[0].depth == runs[-1].depth:
             continue
         small, large = runs[0], runs[-1]
-        per_byte = (large.wall - small.wall) / (large.output_bytes - small.output_bytes)
-        floor_per_byte = (large.floor - small.floor) / (large.source_bytes - small.source_bytes)
-        wall = large.wall + per_byte * (full_output_bytes - large.output_bytes)
-        floor = large.floor + floor_per_byte * (full_source_bytes - large.source_bytes)
+        full_out = full_output_bytes if direction == "megatron-to-hf" else full_source_bytes
+        full_in = full_source_bytes if direction == "megatron-to-hf" else full_output_bytes
+        wall = large.wall * full_out / large.output_bytes
+        floor = large.floor * full_in / large.source_bytes
+        slope = (large.wall - small.wall) / (large.output_bytes - small.output_bytes)
+        by_slope = large.wall + slope * (full_out - large.output_bytes)
         per_layer = (large.peak - small.peak) / (large.depth - small.depth)
-        peak = large.peak + max(per_layer, 0.0) * (FULL_LLM_LAYERS - large.depth)
+        if large.peak - small.peak <= FLAT:  # not growing with depth (a smaller peak deeper is noise)
+            peak, shape = max(large.peak, small.peak), "flat"
+        else:
+            peak, shape = large.peak + per_layer * (FULL_LLM_LAYERS - large.depth), "growing"
         fits = "fits" if peak < 24 * GIB else "does NOT fit"
         lines.append(
-            f"- {direction}, {fmt}, {workers} worker(s): from K={small.depth} to K={large.depth}, "
-            f"{per_byte * 1e9:.2f} s more per GB written and {per_layer / GIB:+.3f} GiB of peak memory "
-            f"per layer. Full model ({full_output_bytes / 1e9:.1f} GB written, "
-            f"{full_source_bytes / 1e9:.1f} GB read): {wall / 60:.1f} min against a floor of "
-            f"{floor / 60:.1f} min (ratio {wall / floor:.2f}), {peak / GIB:.2f} GiB peak ({fits} 24 GiB)"
+            f"- {direction}, {fmt}, {workers} worker(s): peak {small.peak / GIB:.2f} GiB at K={small.depth}, "
+            f"{large.peak / GIB:.2f} GiB at K={large.depth} ({shape}: {per_layer / GIB:+.3f} GiB per layer) "
+            f"-> {peak / GIB:.2f} GiB for the full model ({fits} 24 GiB). Time at the K={large.depth} rate "
+            f"({large.output_bytes / 1e9 / large.wall:.3f} GB/s): {wall / 60:.1f} min for "
+            f"{full_out / 1e9:.1f} GB against a floor of {floor / 60:.1f} min (ratio {wall / floor:.2f}); "
+            f"the slope between the depths ({slope * 1e9:.2f} s/GB) gives {by_slope / 60:.1f} min."
         )
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def top_functions(stats_path, count: int = 8) -> list[str]:
+    """The functions that took the most time of their own in a cProfile dump, as 'seconds name'."""
+    import pstats
+
+    stats = pstats.Stats(str(stats_path)).stats
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:count]
+    return [
+        f"{own:.1f} s {name if file == '~' else f'{Path(file).name}:{line}({name})'}"
+        for (file, line, name), (_, _, own, _, _) in ranked
+    ]
+
+
+def profiles(results: list[Result]) -> str:
+    lines = [
+        f"- {r.direction} {r.fmt} K={r.depth} (cProfile, own time): " + "; ".join(r.profile)
+        for r in results
+        if r.profile
+    ]
+    return ("\nWhere the time went:\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def machine() -> str:
