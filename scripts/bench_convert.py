@@ -163,10 +163,16 @@ def main(
             "another --workdir"
         )
     code = Path(code).resolve()
-    env = dict(os.environ, PYTHONPATH=str(code))
+    env = measure.bytecode_cached_env(dict(os.environ, PYTHONPATH=str(code)), work / "bytecode")
     python = sys.executable
     disk_line, machine_line = report.disk(work), report.machine()
     click.echo(f"{machine_line}; disk {disk_line}; work folder {work}", err=True)
+    # The first start compiles the bytecode into the cache; the next ones are what a conversion pays.
+    startup = report.Startup(
+        first_s=measure.startup_seconds(python, env, code, repeats=1),
+        warm_s=measure.startup_seconds(python, env, code),
+    )
+    click.echo(f"start-up: {startup.describe()}", err=True)
     results: list[report.Result] = []
     deadline = Deadline(started, max_minutes)
     try:
@@ -188,6 +194,7 @@ def main(
                     env,
                     code,
                     profile,
+                    startup.warm_s,
                 )
                 results += _bench_one(job, slice_sizes[depth], keep_outputs, deadline)
     finally:
@@ -197,6 +204,7 @@ def main(
     body = (
         report.table(results)
         + "\n"
+        + f"Start-up (Python, torch and the converter's imports, in every wall time): {startup.describe()}.\n"
         + f"Memory target per row: {report.largest_hint(full.largest)}.\n\n"
         + report.projection(results, full.megatron_bytes, full.hf_bytes)
         + report.profiles(results)
@@ -210,6 +218,7 @@ def main(
             "machine": machine_line,
             "disk": disk_line,
             "command": command,
+            "startup": {"first_s": startup.first_s, "warm_s": startup.warm_s},
             "results": [r.to_json() for r in results],
         }
         Path(json_path).write_text(json.dumps(payload, indent=1) + "\n")
@@ -248,6 +257,7 @@ class Job:
     env: dict
     code: Path  # the nvlm-port tree whose converter runs
     profile: bool
+    startup_s: float  # measure.startup_seconds, part of every conversion's wall time
 
 
 def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[report.Result]:
@@ -261,9 +271,10 @@ def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[r
         f"K={depth} {fmt}: wrote {source_bytes / GB:.2f} GB in {time.monotonic() - start:.0f} s", err=True
     )
     forward = {
-        w: report.Result("megatron-to-hf", fmt, depth, w, source_bytes, 0, size.largest) for w in job.workers
+        w: report.Result("megatron-to-hf", fmt, depth, w, source_bytes, 0, size.largest, job.startup_s)
+        for w in job.workers
     }
-    backward = report.Result("hf-to-megatron", fmt, depth, 1, 0, 0, size.largest)
+    backward = report.Result("hf-to-megatron", fmt, depth, 1, 0, 0, size.largest, job.startup_s)
     for _ in range(job.repeats):
         if deadline.passed(f"a repeat of K={depth} {fmt}"):
             break

@@ -4,6 +4,7 @@ torch.save writes, torch_dist chunks are laid out as Megatron-Core lays them out
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import zipfile
@@ -242,3 +243,31 @@ def test_a_failing_worker_ends_the_conversion_with_one_line(tmp_path):
     assert code == 2, output
     assert "NaN or Inf" in output and "mp_rank_00" in output and "Traceback" not in output
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bench_projection_counts_the_start_up_once():
+    """The benchmark's projection scales only the part of a wall time that grows with the bytes;
+    the fixed start-up (Python, torch, the converter's imports) is paid once."""
+    from conversion_bench import report
+
+    def result(depth, wall, floor, size):
+        r = report.Result("megatron-to-hf", "torch", depth, 1, size, size, 10, startup_s=2.0)
+        r.floor_s, r.wall_s, r.peak_tree_rss, r.cpu_s = [floor], [wall], [100], [1.0]
+        return r
+
+    small, large = result(1, 12.0, 8.0, 10**9), result(2, 22.0, 16.0, 2 * 10**9)
+    assert large.ratio == pytest.approx(22 / 16) and large.net_ratio == pytest.approx(20 / 16)
+    text = report.projection([small, large], 100 * 10**9, 100 * 10**9)
+    # 2 s + 20 s per 2 GB x 50 = 1002 s = 16.7 min, against 16 s per 2 GB x 50 = 800 s = 13.3 min.
+    assert "16.7 min for 100.0 GB against a floor of 13.3 min (ratio 1.25)" in text
+    assert "| 1.38 | 1.25 |" in report.table([large])
+
+
+def test_bench_start_up_is_measured_with_a_bytecode_cache(tmp_path):
+    from conversion_bench import measure
+
+    env = measure.bytecode_cached_env({"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin"}, tmp_path / "c")
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "c")
+    env = measure.bytecode_cached_env(dict(os.environ, PYTHONPATH=str(REPO)), tmp_path / "c")
+    seconds = measure.startup_seconds(sys.executable, env, REPO, repeats=1)
+    assert seconds > 0 and any((tmp_path / "c").rglob("engine*.pyc"))  # the converter was imported

@@ -11,6 +11,7 @@ conversion are timed this way.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import threading
 import time
@@ -158,6 +159,32 @@ def run_measured(command: list[str], outputs: Path, env: dict | None = None, cwd
         returncode=process.returncode,
         output_tail=output[-2000:],
     )
+
+
+# What a conversion imports before it reads a byte: the CLI, the engine, both readers, the workers.
+STARTUP_IMPORTS = (
+    "import converter.cli, converter.engine, converter.workers, converter.formats.legacy, "
+    "converter.formats.torch_dist"
+)
+
+
+def bytecode_cached_env(env: dict, cache: Path) -> dict:
+    """`env` with Python's bytecode written to and read from `cache`: an installed Python normally
+    has its modules compiled, but a read-only or PYTHONDONTWRITEBYTECODE install compiles every
+    imported module again in every process (seconds for torch), which is not conversion time."""
+    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPYCACHEPREFIX": str(cache)}
+
+
+def startup_seconds(python: str, env: dict, cwd: Path, repeats: int = 3) -> float:
+    """Median wall time of a process that starts Python, imports what a conversion imports, and
+    exits: the fixed cost inside every conversion's wall time (a plain copy has none)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([python, "-c", STARTUP_IMPORTS], env=env, cwd=cwd, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def timed_floor(source: Path, destination: Path) -> tuple[float, int]:

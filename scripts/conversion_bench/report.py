@@ -28,6 +28,7 @@ class Result:
     source_bytes: int
     output_bytes: int
     largest_tensor: int
+    startup_s: float = 0.0  # Python + imports, inside every wall time (measure.startup_seconds)
     floor_s: list[float] = field(default_factory=list)  # one per repeat
     wall_s: list[float] = field(default_factory=list)
     process_s: list[float] = field(default_factory=list)
@@ -49,6 +50,11 @@ class Result:
         return self.wall / self.floor
 
     @property
+    def net_ratio(self) -> float:
+        """Wall time less the fixed start-up, over the floor: the per-byte ratio a full model sees."""
+        return (self.wall - self.startup_s) / self.floor
+
+    @property
     def peak(self) -> int:
         return max(self.peak_tree_rss)
 
@@ -62,6 +68,7 @@ class Result:
             "floor": self.floor,
             "wall": self.wall,
             "ratio": self.ratio,
+            "net_ratio": self.net_ratio,
             "peak": self.peak,
         }
 
@@ -69,17 +76,22 @@ class Result:
 def table(results: list[Result]) -> str:
     head = (
         "| direction | format | K | workers | read GB | written GB | floor s | wall s | wall/floor "
-        "| GB/s | CPU s | peak RSS GiB (tree) | peak / largest tensor | targets |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| (wall - start-up)/floor | GB/s | CPU s | peak RSS GiB (tree) | peak / largest tensor | targets |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for r in results:
         time_ok = r.ratio <= TIME_TARGET
         memory_ok = r.peak <= r.memory_bound
-        verdict = f"time {'ok' if time_ok else 'MISSED'}, memory {'ok' if memory_ok else 'MISSED'}"
+        net = "ok" if r.net_ratio <= TIME_TARGET else "MISSED"
+        verdict = (
+            f"time {'ok' if time_ok else 'MISSED'} (net of start-up {net}), "
+            f"memory {'ok' if memory_ok else 'MISSED'}"
+        )
         rows.append(
             f"| {r.direction} | {r.fmt} | {r.depth} | {r.workers} | {r.source_bytes / 1e9:.2f} "
-            f"| {r.output_bytes / 1e9:.2f} | {_spread(r.floor_s)} | {_spread(r.wall_s)} | {r.ratio:.2f} "
+            f"| {r.output_bytes / 1e9:.2f} | {_spread(r.floor_s)} | {_spread(r.wall_s)} "
+            f"| {r.ratio:.2f} | {r.net_ratio:.2f} "
             f"| {r.output_bytes / 1e9 / r.wall:.3f} | {statistics.median(r.cpu_s):.0f} | {r.peak / GIB:.2f} "
             f"| {r.peak / r.largest_tensor:.2f} | {verdict} |"
         )
@@ -95,11 +107,20 @@ def _spread(values: list[float]) -> str:
 FLAT = 2**27  # 128 MiB: a deeper slice's peak at most this much higher counts as the same (noise)
 
 
+@dataclass
+class Startup:
+    first_s: float  # the first start: compiles the bytecode cache
+    warm_s: float  # median of the next ones
+
+    def describe(self) -> str:
+        return f"{self.warm_s:.1f} s (the first start, compiling the bytecode cache: {self.first_s:.1f} s)"
+
+
 def projection(results: list[Result], full_source_bytes: int, full_output_bytes: int) -> str:
     """Per (direction, format, workers) measured at two depths or more: the full model's time at
-    the deepest slice's rate (and, beside it, at the per-byte slope between the depths) against
-    the floor at its rate, and its peak memory (flat when the depths agree within FLAT, else
-    extended by the per-layer slope to the full depth: 80 LLM layers)."""
+    the deepest slice's rate net of the start-up, which is counted once (and, beside it, at the
+    per-byte slope between the depths) against the floor at its rate, and its peak memory (flat
+    when the depths agree within FLAT, else extended by the per-layer slope to 80 LLM layers)."""
     lines = []
     for direction, fmt, workers in sorted({(r.direction, r.fmt, r.workers) for r in results}):
         runs = sorted(
@@ -111,7 +132,8 @@ def projection(results: list[Result], full_source_bytes: int, full_output_bytes:
         small, large = runs[0], runs[-1]
         full_out = full_output_bytes if direction == "megatron-to-hf" else full_source_bytes
         full_in = full_source_bytes if direction == "megatron-to-hf" else full_output_bytes
-        wall = large.wall * full_out / large.output_bytes
+        # The start-up is paid once; the rest scales with the bytes.
+        wall = large.startup_s + (large.wall - large.startup_s) * full_out / large.output_bytes
         floor = large.floor * full_in / large.source_bytes
         slope = (large.wall - small.wall) / (large.output_bytes - small.output_bytes)
         by_slope = large.wall + slope * (full_out - large.output_bytes)
