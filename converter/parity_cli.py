@@ -70,6 +70,15 @@ def main() -> None:
     type=float,
     help="Override the HF projector LayerNorm eps (ablation: the release uses 1e-5, Megatron 1e-6).",
 )
+@click.option(
+    "--hf-numerics",
+    type=click.Choice(["shipped", "megatron"]),
+    default="shipped",
+    show_default=True,
+    help="megatron: the HF side rounds where Megatron-Core's local spec rounds (attention, RMSNorm, "
+    "bias adds, GEMM shapes: converter/parity/numerics.py). At TP=1 the two sides then agree bit for "
+    "bit in bf16, so any difference left is a real one.",
+)
 @click.option("--max-abs-diff", type=float, help="Override the dtype's tolerance (see README).")
 @click.option("--min-top1", type=float, help="Override the minimum top-1 agreement.")
 @click.option("--max-kl", type=float, help="Override the maximum mean KL(Megatron || HF).")
@@ -85,6 +94,7 @@ def logits(
     report_dir,
     hf_attn,
     hf_projector_eps,
+    hf_numerics,
     max_abs_diff,
     min_top1,
     max_kl,
@@ -101,6 +111,7 @@ def logits(
 
     from .parity import cases as cases_mod
     from .parity import logits as parity
+    from .parity import numerics
     from .parity import report as report_mod
 
     started = time.perf_counter()
@@ -146,19 +157,23 @@ def logits(
 
     click.echo(f"HF: {hf_dir} on {device}")
     model = parity.load_hf(hf_dir, DTYPES[dtype], device, attn=hf_attn, projector_eps=hf_projector_eps)
+    sources = numerics.SOURCES if hf_numerics == "megatron" else ()
     rows = []
-    for k, case in enumerate(cases):
-        hf_run = parity.run_hf(model, case, true_vocab)
-        generated_h = parity.generate_hf(model, case, steps, eos) if steps else None
-        generated_m = megatron["generated"][k] if steps else None
-        prompt = cases_mod.prompt_difference(
-            case.input_ids[0].tolist(), cases_mod.megatron_prompt_ids(case, tokenizer, config), tokenizer
-        )
-        row = parity.compare_case(
-            case.name, case, megatron["outputs"][k], hf_run, generated_m, generated_h, prompt
-        )
+    with numerics.megatron_numerics(model, sources, output_rows=args.padded_vocab_size):
+        for k, case in enumerate(cases):
+            hf_run = parity.run_hf(model, case, true_vocab)
+            generated_h = parity.generate_hf(model, case, steps, eos) if steps else None
+            generated_m = megatron["generated"][k] if steps else None
+            prompt = cases_mod.prompt_difference(
+                case.input_ids[0].tolist(), cases_mod.megatron_prompt_ids(case, tokenizer, config), tokenizer
+            )
+            rows.append(
+                parity.compare_case(
+                    case.name, case, megatron["outputs"][k], hf_run, generated_m, generated_h, prompt
+                )
+            )
+    for row in rows:
         row["ok"] = parity.within(row, tolerances)
-        rows.append(row)
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     report = {
         "megatron": str(megatron_dir),
@@ -169,6 +184,7 @@ def logits(
         "device": device_name,
         "hf_attn": hf_attn,
         "hf_projector_eps": hf_projector_eps,
+        "hf_numerics": hf_numerics,
         "tolerances": tolerances,
         "cases": rows,
         "ok": all(r["ok"] for r in rows),
