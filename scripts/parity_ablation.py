@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from converter.parity import numerics  # noqa: E402
 from converter.parity.compare import first_jump, layer_errors, logits_metrics  # noqa: E402
+from converter.parity.logits import run_hf  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -46,19 +47,10 @@ def variants() -> list[tuple[str, tuple[str, ...]]]:
     return rows
 
 
-@torch.no_grad()
 def forward(model, case, true_vocab: int, layers: bool):
-    from converter.parity.logits import _record
-
-    recorded, handles = _record(model) if layers else ({}, [])
-    try:
-        device = model.language_model.get_input_embeddings().weight.device
-        pixels = None if case.pixel_values is None else case.pixel_values.to(device, model.dtype)
-        logits = model(pixel_values=pixels, input_ids=case.input_ids.to(device)).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits[0, :, :true_vocab].float(), recorded
+    """[positions, true vocab] logits on the model's device, and the recorded layer outputs."""
+    run = run_hf(model, case, true_vocab, layers=layers, on_cpu=False)
+    return run.logits[0], run.layers
 
 
 def kl_from(reference: torch.Tensor, other: torch.Tensor) -> float:

@@ -63,8 +63,10 @@ def load_hf(
 
 
 @torch.no_grad()
-def run_hf(model, case, true_vocab: int) -> HFRun:
-    layers, handles = _record(model)
+def run_hf(model, case, true_vocab: int, layers: bool = True, on_cpu: bool = True) -> HFRun:
+    """Logits over the true vocab (float32; on the model's device unless `on_cpu`) and, with
+    `layers`, every recorded module output."""
+    layers, handles = _record(model) if layers else ({}, [])
     try:
         device = model.language_model.get_input_embeddings().weight.device
         pixels = None if case.pixel_values is None else case.pixel_values.to(device, model.dtype)
@@ -72,7 +74,8 @@ def run_hf(model, case, true_vocab: int) -> HFRun:
     finally:
         for handle in handles:
             handle.remove()
-    return HFRun(logits[..., :true_vocab].float().cpu(), layers)
+    logits = logits[..., :true_vocab].float()
+    return HFRun(logits.cpu() if on_cpu else logits, layers)
 
 
 @torch.no_grad()
