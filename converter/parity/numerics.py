@@ -126,8 +126,7 @@ class _FusedGemm:
     """One GEMM over the concatenated weights of `parts` (called in order on the same input): the
     first part's call computes all outputs, the next parts return their slices."""
 
-    def __init__(self, parts: list[nn.Linear], bias_after: bool, rows: int | None = None):
-        self.parts = parts
+    def __init__(self, parts: list[nn.Linear], bias_after: bool):
         self.weight = torch.cat([p.weight for p in parts])
         biases = [p.bias for p in parts]
         self.bias = None if biases[0] is None else torch.cat(biases)
