@@ -76,8 +76,8 @@ def main() -> None:
     default="shipped",
     show_default=True,
     help="megatron: the HF side rounds where Megatron-Core's local spec rounds (attention, RMSNorm, "
-    "bias adds, GEMM shapes: converter/parity/numerics.py). At TP=1 the two sides then agree bit for "
-    "bit in bf16, so any difference left is a real one.",
+    "bias adds, GEMM shapes, the TP ranks' partial sums: converter/parity/numerics.py). At TP=1 and 2 "
+    "the two sides then agree bit for bit in bf16, so any difference left is a real one.",
 )
 @click.option("--max-abs-diff", type=float, help="Override the dtype's tolerance (see README).")
 @click.option("--min-top1", type=float, help="Override the minimum top-1 agreement.")
@@ -159,7 +159,7 @@ def logits(
     model = parity.load_hf(hf_dir, DTYPES[dtype], device, attn=hf_attn, projector_eps=hf_projector_eps)
     sources = numerics.SOURCES if hf_numerics == "megatron" else ()
     rows = []
-    with numerics.megatron_numerics(model, sources, output_rows=args.padded_vocab_size):
+    with numerics.megatron_numerics(model, sources, output_rows=args.padded_vocab_size, tp=layout.tp):
         for k, case in enumerate(cases):
             hf_run = parity.run_hf(model, case, true_vocab)
             generated_h = parity.generate_hf(model, case, steps, eos) if steps else None

@@ -113,7 +113,7 @@ def run(megatron_dir: Path, hf_dir: Path, device: str, dtype: str, cases_spec: s
     results = []
     for name, sources in variants():
         rows = []
-        with numerics.megatron_numerics(model, sources, output_rows=padded_rows):
+        with numerics.megatron_numerics(model, sources, output_rows=padded_rows, tp=layout.tp):
             for k, case in enumerate(cases):
                 logits_h, layers_h = forward(model, case, true_vocab, layers=True)
                 logits_m = megatron[k].logits[0].to(on)

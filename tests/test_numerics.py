@@ -15,24 +15,34 @@ from conftest import REPO, TINY_TOKENIZER, cli, make_megatron_checkpoint
 pytest.importorskip("megatron.core", reason="the Megatron side is needed")
 
 
-@pytest.fixture(scope="module")
-def tp1_bf16(tmp_path_factory):
-    root = tmp_path_factory.mktemp("numerics")
+def _bf16_pair(root, tp: str):
     megatron = make_megatron_checkpoint(
-        root / "megatron", "--preset", "tiny", "--tp", "1", "--dtype", "bfloat16", "--format", "torch"
+        root / "megatron", "--preset", "tiny", "--tp", tp, "--dtype", "bfloat16", "--format", "torch"
     )
     code, output = cli("megatron-to-hf", megatron, root / "hf", "--tokenizer", TINY_TOKENIZER)
     assert code == 0, output
     return megatron, root / "hf"
 
 
+@pytest.fixture(scope="module")
+def tp1_bf16(tmp_path_factory):
+    return _bf16_pair(tmp_path_factory.mktemp("numerics-tp1"), "1")
+
+
+@pytest.fixture(scope="module")
+def tp2_bf16(tmp_path_factory):
+    return _bf16_pair(tmp_path_factory.mktemp("numerics-tp2"), "2")
+
+
 @pytest.mark.slow
-def test_aligned_numerics_give_bit_identical_bf16_logits(tp1_bf16, tmp_path):
+@pytest.mark.parametrize("pair", ["tp1_bf16", "tp2_bf16"])
+def test_aligned_numerics_give_bit_identical_bf16_logits(pair, request, tmp_path):
+    """At TP=2 too: Megatron's per-rank partial sums are emulated (tp_reductions)."""
     from click.testing import CliRunner
 
     from converter.parity_cli import main
 
-    megatron, hf = tp1_bf16
+    megatron, hf = request.getfixturevalue(pair)
     args = ["logits", "--megatron", megatron, "--hf", hf, "--dtype", "bf16", "--generate", "4"]
     result = CliRunner().invoke(
         main, [str(a) for a in args + ["--hf-numerics", "megatron", "--report", tmp_path / "r"]]
@@ -105,8 +115,10 @@ def test_ablation_script_attributes_the_difference(tp1_bf16, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "a" / "ablation.json").read_text())
     variants = {v["variant"]: v["cases"] for v in report["variants"]}
-    assert len(variants) == 1 + 5 + 4  # as shipped, each source alone, cumulative
-    everything = variants["+ attention + llm_norm + vit_norm + bias_add + gemm_shapes"]
+    from converter.parity.numerics import SOURCES
+
+    assert len(variants) == 1 + 2 * len(SOURCES) - 1  # as shipped, each source alone, cumulative
+    everything = variants["+ " + " + ".join(SOURCES)]
     assert all(c["identical_logits"] == 1.0 and c["kl"] == 0.0 for c in everything)
     shipped = variants["as shipped"]
     assert all(c["identical_logits"] < 1.0 and c["first_difference"] for c in shipped)

@@ -16,13 +16,20 @@ loaded model, inside a `with` block that puts every module back as it was:
                   order).
     bias_add      Megatron's linear layers compute matmul(x, W^T), round, then add the bias and round
                   again (LLM q/k/v; ViT proj, fc1, fc2). nn.Linear adds the bias inside the GEMM.
-    gemm_shapes   Megatron's GEMM shapes: one QKV GEMM, one gate+up GEMM (linear_fc1), and the
-                  output layer over Megatron's padded vocab rows. Separate GEMMs of other widths may
-                  pick other kernels and summation orders.
+    gemm_shapes   Megatron's GEMM shapes, per tensor-parallel rank: one QKV GEMM, one gate+up GEMM
+                  (linear_fc1), and the output layer over Megatron's padded vocab rows. Separate
+                  GEMMs of other widths may pick other kernels and summation orders.
+    tp_reductions At TP > 1, Megatron's partial sums: each rank's row-parallel GEMM (LLM o_proj and
+                  down_proj, ViT proj and fc2, projector fc2) over its slice of the input features
+                  is rounded, then the partials are summed in the activation dtype (the all-reduce;
+                  exact for TP=2, where a ring sum has one order), the bias after; the ViT QK-norm
+                  sums of squares are taken per rank and then added. Nothing at TP=1.
 
 It is a measuring instrument for the parity suite (scripts/parity_ablation.py); the shipped class
-keeps transformers' Qwen2 and its own kernels. The patches assume what the parity cases are: one
-unpadded sequence per call, no KV cache.
+keeps transformers' Qwen2 and its own kernels. With all six sources, bf16 logits and every layer
+output are bit-identical to Megatron's at TP=1 and TP=2 (CPU, and H200s at full width:
+docs/PARITY.md). The patches assume what the parity cases are: one unpadded sequence per call
+(the causal mask is rebuilt from the shapes).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOURCES = ("attention", "llm_norm", "vit_norm", "bias_add", "gemm_shapes")
+SOURCES = ("attention", "llm_norm", "vit_norm", "bias_add", "gemm_shapes", "tp_reductions")
 MEGATRON_ATTENTION = "megatron_unfused"
 
 
@@ -110,10 +117,38 @@ def _megatron_vit_norm_forward(self, hidden_states, variance=None):
     ) * self.weight
 
 
-def _megatron_qk_norm(self, x, norm):
-    """QK-norm statistics as Megatron sums them: x.float().pow(2).sum over the real channels."""
-    sum_sq = x[..., : self.embed_dim].float().pow(2).sum(-1, keepdim=True)
-    return norm(x, variance=sum_sq / self.embed_dim)
+def _megatron_qk_norm(bounds: list[tuple[int, int]]):
+    """QK-norm statistics as Megatron sums them: x.float().pow(2).sum over each rank's real
+    channels (`bounds`), the ranks' sums then added (the float32 all-reduce)."""
+
+    def qk_norm(self, x, norm):
+        sum_sq = None
+        for start, stop in bounds:
+            part = x[..., start:stop].float().pow(2).sum(-1, keepdim=True)
+            sum_sq = part if sum_sq is None else sum_sq + part
+        return norm(x, variance=sum_sq / self.embed_dim)
+
+    return qk_norm
+
+
+def _row_parallel_forward(linear: nn.Linear, bounds: list[tuple[int, int]]):
+    """RowParallelLinear over len(bounds) ranks: each rank's GEMM over its input features, rounded;
+    the partials summed in order (the all-reduce); then the bias."""
+    weights = [linear.weight[:, start:stop].contiguous() for start, stop in bounds]
+
+    def forward(self, x):
+        out = None
+        for (start, stop), weight in zip(bounds, weights):
+            part = torch.matmul(x[..., start:stop].contiguous(), weight.t())
+            out = part if out is None else out + part
+        return out if self.bias is None else out + self.bias
+
+    return forward
+
+
+def _even(width: int, tp: int) -> list[tuple[int, int]]:
+    step = width // tp
+    return [(r * step, (r + 1) * step) for r in range(tp)]
 
 
 def _bias_after_gemm_forward(self, x):
@@ -123,27 +158,39 @@ def _bias_after_gemm_forward(self, x):
 
 
 class _FusedGemm:
-    """One GEMM over the concatenated weights of `parts` (called in order on the same input): the
-    first part's call computes all outputs, the next parts return their slices."""
+    """Per tensor-parallel rank, one GEMM over that rank's rows of every part (Megatron's fused
+    linear_qkv / linear_fc1 on each rank). The parts are called in order on the same input: the
+    first call computes all outputs, the next ones return their share."""
 
-    def __init__(self, parts: list[nn.Linear], bias_after: bool):
-        self.weight = torch.cat([p.weight for p in parts])
-        biases = [p.bias for p in parts]
-        self.bias = None if biases[0] is None else torch.cat(biases)
+    def __init__(self, parts: list[nn.Linear], bias_after: bool, tp: int):
+        chunks = [
+            list(zip(p.weight.chunk(tp), p.bias.chunk(tp) if p.bias is not None else [None] * tp))
+            for p in parts
+        ]
+        self.ranks = []  # per rank: (weight, bias) over the rows of every part
+        for r in range(tp):
+            weight = torch.cat([c[r][0] for c in chunks])
+            bias = None if chunks[0][r][1] is None else torch.cat([c[r][1] for c in chunks])
+            self.ranks.append((weight, bias))
+        self.widths = [p.weight.shape[0] // tp for p in parts]
         self.bias_after = bias_after
-        self.widths = [p.weight.shape[0] for p in parts]
         self._pending: list[torch.Tensor] = []
         self._input = None
+
+    def _gemm(self, x, weight, bias):
+        if self.bias_after:
+            out = torch.matmul(x, weight.t())
+            return out if bias is None else out + bias
+        return F.linear(x, weight, bias)
 
     def forward_of(self, index: int):
         def forward(_module, x):
             if index == 0:
-                if self.bias_after:
-                    out = torch.matmul(x, self.weight.t())
-                    out = out if self.bias is None else out + self.bias
-                else:
-                    out = F.linear(x, self.weight, self.bias)
-                self._pending, self._input = list(out.split(self.widths, dim=-1)), x
+                per_rank = [self._gemm(x, w, b).split(self.widths, dim=-1) for w, b in self.ranks]
+                self._pending = [
+                    torch.cat([rank[i] for rank in per_rank], -1) for i in range(len(self.widths))
+                ]
+                self._input = x
             elif x is not self._input:
                 raise RuntimeError("fused GEMM parts called on different inputs")
             return self._pending[index]
@@ -151,14 +198,14 @@ class _FusedGemm:
         return forward
 
 
-def _padded_output_forward(rows: int):
-    """The output layer as Megatron's GEMM over its `rows` padded vocab rows; the HF width again
-    after it (the columns past the true vocab are padding on both sides, never compared)."""
+def _padded_output_forward(rows: int, tp: int):
+    """The output layer as Megatron's GEMMs: each rank's rows/tp padded vocab rows; the HF width
+    again after it (the columns past the true vocab are padding on both sides, never compared)."""
 
     def forward(self, x):
         have = self.weight.shape[0]
         weight = self.weight[:rows] if rows <= have else F.pad(self.weight, (0, 0, 0, rows - have))
-        out = torch.matmul(x, weight.t())
+        out = torch.cat([torch.matmul(x, w.t()) for w in weight.chunk(tp)], dim=-1)
         return out[..., :have] if rows >= have else F.pad(out, (0, have - rows))
 
     return forward
@@ -179,8 +226,9 @@ def _patch(stack: ExitStack, module: nn.Module, name: str, function) -> None:
 
 
 @contextmanager
-def megatron_numerics(model, sources, output_rows: int | None = None):
-    """Inside the block, `model` (an NVLM_D_Model) rounds as Megatron-Core does at `sources`.
+def megatron_numerics(model, sources, output_rows: int | None = None, tp: int = 1):
+    """Inside the block, `model` (an NVLM_D_Model) rounds as Megatron-Core does at `sources`, for a
+    Megatron model run at tensor-parallel size `tp`.
 
     `output_rows`: Megatron's padded vocab size (for `gemm_shapes`; None leaves the output layer)."""
     sources = set(sources)
@@ -189,9 +237,17 @@ def megatron_numerics(model, sources, output_rows: int | None = None):
         raise ValueError(f"unknown numerics sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2RMSNorm
 
+    from modeling.megatron.args import padded_head_count
     from modeling.modeling_intern_vit import InternAttention, InternMLP, InternRMSNorm
 
     llm, vit = model.language_model, model.vision_model
+    reduce_tp = tp if "tp_reductions" in sources else 1
+    # The ViT heads Megatron allocates at this TP, split over the ranks: each rank's real channels
+    # (QK-norm statistics) and each rank's channels (its slice of proj's input).
+    vit_config = vit.config
+    per_rank = padded_head_count(vit_config.num_attention_heads, reduce_tp) // reduce_tp * vit_config.head_dim
+    vit_ranks = [(r * per_rank, (r + 1) * per_rank) for r in range(reduce_tp)]
+    vit_real = [(a, min(b, vit_config.hidden_size)) for a, b in vit_ranks if a < vit_config.hidden_size]
     with ExitStack() as stack:
         if "attention" in sources:
             _register_attention()
@@ -210,7 +266,7 @@ def megatron_numerics(model, sources, output_rows: int | None = None):
                 if isinstance(module, InternRMSNorm):
                     _patch(stack, module, "forward", _megatron_vit_norm_forward)
                 elif isinstance(module, InternAttention):
-                    _patch(stack, module, "_qk_norm", _megatron_qk_norm)
+                    _patch(stack, module, "_qk_norm", _megatron_qk_norm(vit_real))
         bias_after = "bias_add" in sources
         if bias_after:
             biased = [m for m in vit.modules() if isinstance(m, (InternAttention, InternMLP))]
@@ -226,7 +282,7 @@ def megatron_numerics(model, sources, output_rows: int | None = None):
             else:
                 continue
             if "gemm_shapes" in sources:
-                fused = _FusedGemm(parts, bias_after)
+                fused = _FusedGemm(parts, bias_after, tp)
                 for index, part in enumerate(parts):
                     _patch(stack, part, "forward", fused.forward_of(index))
             elif bias_after:
@@ -234,5 +290,15 @@ def megatron_numerics(model, sources, output_rows: int | None = None):
                     if part.bias is not None:
                         _patch(stack, part, "forward", _bias_after_gemm_forward)
         if "gemm_shapes" in sources and output_rows is not None:
-            _patch(stack, llm.lm_head, "forward", _padded_output_forward(output_rows))
+            _patch(stack, llm.lm_head, "forward", _padded_output_forward(output_rows, tp))
+        if reduce_tp > 1:
+            rows = [(m.o_proj, m.o_proj.in_features) for m in llm.modules() if isinstance(m, Qwen2Attention)]
+            rows += [(m.down_proj, m.down_proj.in_features) for m in llm.modules() if isinstance(m, Qwen2MLP)]
+            rows += [(m.fc2, m.fc2.in_features) for m in vit.modules() if isinstance(m, InternMLP)]
+            rows.append((model.mlp1[-1], model.mlp1[-1].in_features))  # projector fc2
+            for linear, width in rows:
+                _patch(stack, linear, "forward", _row_parallel_forward(linear, _even(width, reduce_tp)))
+            for module in vit.modules():
+                if isinstance(module, InternAttention):  # its dummy heads past Megatron's count: no rank
+                    _patch(stack, module.proj, "forward", _row_parallel_forward(module.proj, vit_ranks))
         yield model
