@@ -30,10 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from converter.parity import numerics  # noqa: E402
-from converter.parity.compare import first_jump, layer_errors, logits_metrics  # noqa: E402
+from converter.parity.compare import first_jump, kl_per_position, layer_errors, logits_metrics  # noqa: E402
 from converter.parity.logits import run_hf  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from converter.parity_cli import DTYPES  # noqa: E402
 
 
 def variants() -> list[tuple[str, tuple[str, ...]]]:
@@ -51,12 +50,6 @@ def forward(model, case, true_vocab: int, layers: bool):
     """[positions, true vocab] logits on the model's device, and the recorded layer outputs."""
     run = run_hf(model, case, true_vocab, layers=layers, on_cpu=False)
     return run.logits[0], run.layers
-
-
-def kl_from(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean KL(reference || other) over positions, in float64."""
-    log_p, log_q = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
 def megatron_outputs(checkpoint: Path, cases, config, dtype: str, device: str):
@@ -103,12 +96,12 @@ def run(megatron_dir: Path, hf_dir: Path, device: str, dtype: str, cases_spec: s
         if device == "cuda":
             torch.cuda.empty_cache()
     model = load_hf(hf_dir, DTYPES[dtype], device)
+    megatron_logits = [out.logits[0].to(on) for out in megatron]  # moved once, compared per variant
     megatron_rows = []
-    for k, case in enumerate(cases):
-        logits_m = megatron[k].logits[0].to(on)
+    for case, logits_m in zip(cases, megatron_logits):
         row = {"case": case.name, "tokens": int(case.input_ids.shape[1])}
         if truth:
-            row["kl_from_fp32"] = kl_from(reference[case.name], logits_m)
+            row["kl_from_fp32"] = kl_per_position(reference[case.name], logits_m).mean().item()
         megatron_rows.append(row)
     results = []
     for name, sources in variants():
@@ -116,7 +109,7 @@ def run(megatron_dir: Path, hf_dir: Path, device: str, dtype: str, cases_spec: s
         with numerics.megatron_numerics(model, sources, output_rows=padded_rows, tp=layout.tp):
             for k, case in enumerate(cases):
                 logits_h, layers_h = forward(model, case, true_vocab, layers=True)
-                logits_m = megatron[k].logits[0].to(on)
+                logits_m = megatron_logits[k]
                 metrics = logits_metrics(logits_m, logits_h)
                 layers = layer_errors(megatron[k].layers, layers_h)
                 row = {
@@ -130,7 +123,7 @@ def run(megatron_dir: Path, hf_dir: Path, device: str, dtype: str, cases_spec: s
                     "first_jump": first_jump(layers),
                 }
                 if truth:
-                    row["kl_from_fp32"] = kl_from(reference[case.name], logits_h)
+                    row["kl_from_fp32"] = kl_per_position(reference[case.name], logits_h).mean().item()
                 rows.append(row)
         results.append({"variant": name, "sources": list(sources), "cases": rows})
         worst = min(r["top1_agreement"] for r in rows)

@@ -12,11 +12,16 @@ from __future__ import annotations
 import torch
 
 
+def kl_per_position(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) of the softmax of each row of logits, in float64."""
+    log_p, log_q = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def logits_metrics(megatron: torch.Tensor, hf: torch.Tensor) -> dict[str, float]:
     a, b = megatron.double().reshape(-1, megatron.shape[-1]), hf.double().reshape(-1, hf.shape[-1])
     diff = (a - b).abs()
-    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = kl_per_position(a, b)
     top5_a, top5_b = a.topk(5, -1).indices, b.topk(5, -1).indices
     overlap = (top5_a.unsqueeze(-1) == top5_b.unsqueeze(-2)).any(-1).double().mean(-1)
     return {

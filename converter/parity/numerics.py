@@ -151,10 +151,14 @@ def _even(width: int, tp: int) -> list[tuple[int, int]]:
     return [(r * step, (r + 1) * step) for r in range(tp)]
 
 
-def _bias_after_gemm_forward(self, x):
+def _gemm_then_bias(x, weight, bias):
     """matmul(x, W^T), rounded, then + bias (Megatron's linear layers)."""
-    out = torch.matmul(x, self.weight.t())
-    return out if self.bias is None else out + self.bias
+    out = torch.matmul(x, weight.t())
+    return out if bias is None else out + bias
+
+
+def _bias_after_gemm_forward(self, x):
+    return _gemm_then_bias(x, self.weight, self.bias)
 
 
 class _FusedGemm:
@@ -178,10 +182,7 @@ class _FusedGemm:
         self._input = None
 
     def _gemm(self, x, weight, bias):
-        if self.bias_after:
-            out = torch.matmul(x, weight.t())
-            return out if bias is None else out + bias
-        return F.linear(x, weight, bias)
+        return _gemm_then_bias(x, weight, bias) if self.bias_after else F.linear(x, weight, bias)
 
     def forward_of(self, index: int):
         def forward(_module, x):
