@@ -11,17 +11,9 @@ import click
 import torch
 
 from .errors import ClearErrorGroup, ConversionError
+from .tokenizer_folder import TOKENIZER_FILES, tokenizer_info, tokenizer_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 @click.group(cls=ClearErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,45 +22,6 @@ def main() -> None:
     """Convert NVLM-D checkpoints between Megatron-Core (legacy `torch` and `torch_dist`, any TP/PP)
     and Hugging Face safetensors that load into the NVLM_D model class (and plain Qwen2 GPT
     checkpoints into Qwen2ForCausalLM). Output folders appear only when complete."""
-
-
-def _tokenizer_info(folder: Path | None) -> int | None:
-    """Validate a tokenizer folder; return its <|vision_pad|> id (None without one)."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConversionError(f"{folder}: tokenizer folder does not exist")
-    if not (folder / "tokenizer_config.json").exists() or not (
-        (folder / "tokenizer.json").exists()
-        or ((folder / "vocab.json").exists() and (folder / "merges.txt").exists())
-    ):
-        raise ConversionError(
-            f"{folder}: not a tokenizer folder (needs tokenizer_config.json and tokenizer.json, "
-            "or vocab.json + merges.txt)"
-        )
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise ConversionError(
-            f"{folder}: the tokenizer does not load ({type(exc).__name__}: {exc})"
-        ) from None
-    pad = tokenizer.convert_tokens_to_ids("<|vision_pad|>")
-    return pad if isinstance(pad, int) and pad != tokenizer.unk_token_id else None
-
-
-def _tokenizer_size(folder: Path) -> int | None:
-    """Entries of the tokenizer shipped in an HF folder (Megatron's `vocab_size`), if there is one."""
-    if not (folder / "tokenizer_config.json").exists():
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return len(AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
-    except Exception:
-        return None
 
 
 def _dtype_policy(choice: str, family):
@@ -94,6 +47,7 @@ def _convert_to_hf(
     check_finite,
     resume=False,
     workers=1,
+    vision_real_heads=None,
 ):
     from .engine import (
         atomic_folder,
@@ -111,10 +65,16 @@ def _convert_to_hf(
     ckpt = open_megatron(src, iteration=iteration, trust_pickle=trust_pickle)
     if ckpt.note:
         click.echo(f"note: {ckpt.note}", err=True)
-    image_token = _tokenizer_info(tokenizer)
+    image_token, tokenizer_vocab = tokenizer_info(tokenizer)
     family = family_for_args(ckpt.args)
     try:
-        config = family.hf_config(ckpt.args, image_token_id=image_token)
+        config = family.hf_config(
+            ckpt.args,
+            image_token_id=image_token,
+            ckpt=ckpt,
+            tokenizer_vocab=tokenizer_vocab,
+            vision_real_heads=vision_real_heads,
+        )
         table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
         expected = family.expected(config)
     except (AttributeError, TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
@@ -220,6 +180,12 @@ def _convert_to_hf(
     show_default=True,
     help="Processes writing the output shards (each writes whole shards, streaming; same bytes as 1).",
 )
+@click.option(
+    "--vision-real-heads",
+    type=click.IntRange(min=1),
+    help="Real (non-padding) ViT attention heads, where the checkpoint cannot tell: args of "
+    "Megatron-LM's examples/multimodal do not store them, and --vision-model-type internvit means 25.",
+)
 def megatron_to_hf(
     src,
     dst,
@@ -235,6 +201,7 @@ def megatron_to_hf(
     check_finite,
     resume,
     workers,
+    vision_real_heads,
 ):
     """Convert a Megatron checkpoint SRC (legacy or torch_dist, any TP/PP/VP) to a Hugging Face folder DST.
 
@@ -257,6 +224,7 @@ def megatron_to_hf(
         check_finite,
         resume,
         workers=workers,
+        vision_real_heads=vision_real_heads,
     )
 
 
@@ -279,7 +247,7 @@ def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwri
         raise ConversionError(f"{hf_dir}: missing tensors: {sorted(missing)[:5]}")
     steps = hf_steps(table, list(expected))
     dtype = source.meta(next(iter(expected))).dtype  # from the file header, no data read
-    tokenizer_vocab = _tokenizer_size(Path(hf_dir))
+    tokenizer_vocab = tokenizer_size(Path(hf_dir))
     args = family.megatron_args(
         config, tp, pp, dtype=dtype, divisible_by=divisible_by, tokenizer_vocab=tokenizer_vocab
     )
@@ -335,6 +303,8 @@ def reshard(src, dst, tp, pp, fmt, trust_pickle, overwrite):
 @click.option("--trust-pickle", is_flag=True)
 def inspect(src, trust_pickle):
     """Format, parallel layout, iteration, key args, tensor count and bytes of a Megatron checkpoint."""
+    from modeling.megatron.args import generation_of
+
     from .engine import open_megatron
 
     ckpt = open_megatron(src, trust_pickle=trust_pickle)
@@ -345,6 +315,9 @@ def inspect(src, trust_pickle):
     click.echo(f"{'format':<28}{ckpt.format}")
     click.echo(f"{'iteration':<28}{ckpt.iteration_dir.name}")
     click.echo(f"{'parallel layout':<28}TP={ckpt.tp} PP={ckpt.pp} VP={ckpt.vp}")
+    click.echo(f"{'args names':<28}{generation_of(args)}")
+    if getattr(ckpt, "generation", ""):
+        click.echo(f"{'common state':<28}{ckpt.generation}")
     for key in (
         "num_layers",
         "hidden_size",

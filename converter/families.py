@@ -26,6 +26,26 @@ def hf_vocab_rows(tokenizer_vocab: int) -> int:
     return 152064 if tokenizer_vocab == 151665 else tokenizer_vocab
 
 
+class CheckpointTensors:
+    """What the config derivation may ask of a checkpoint: its tensor names, a tensor's global
+    shape and the global tensor, given how TP splits it (0 column, 1 row, None replicated)."""
+
+    def __init__(self, ckpt):
+        from mappings.transforms import Column, Replicated, Row
+
+        self._ckpt = ckpt
+        self._by_dim = {0: Column(), 1: Row(), None: Replicated()}
+        self.names = set(ckpt.names())
+
+    def shape(self, name: str, tp_dim: int | None) -> tuple[int, ...]:
+        if name not in self.names:
+            raise KeyError(f"the checkpoint has no {name}")
+        return tuple(self._ckpt.shape(name, self._by_dim[tp_dim]))
+
+    def read(self, name: str, tp_dim: int | None) -> torch.Tensor:
+        return self._ckpt.read(name, self._by_dim[tp_dim])
+
+
 REMOTE_CODE = (
     "configuration_nvlm_d.py",
     "modeling_nvlm_d.py",
@@ -43,10 +63,17 @@ class NVLMD:
         return getattr(args, "vision_model_type", None) is not None
 
     @staticmethod
-    def hf_config(args, *, image_token_id: int | None = None):
+    def hf_config(args, *, image_token_id=None, ckpt=None, tokenizer_vocab=None, vision_real_heads=None):
+        """The NVLM_D_Config of a checkpoint: sizes from its tensors (`ckpt`) where they are certain,
+        the rest from its args through the generation table (modeling/megatron/args.py)."""
         from modeling.megatron.args import config_from_args
 
-        config = config_from_args(args)
+        config = config_from_args(
+            args,
+            tensors=CheckpointTensors(ckpt) if ckpt is not None else None,
+            tokenizer_vocab=tokenizer_vocab,
+            vision_real_heads=vision_real_heads,
+        )
         if image_token_id is not None:
             config.img_context_token_id = image_token_id
         return config
@@ -128,15 +155,26 @@ class Qwen2:
         return getattr(args, "vision_model_type", None) is None
 
     @staticmethod
-    def hf_config(args, *, image_token_id: int | None = None):
+    def hf_config(args, *, image_token_id=None, ckpt=None, tokenizer_vocab=None, vision_real_heads=None):
         from transformers import Qwen2Config
 
-        from modeling.megatron.args import qwen2_fields
+        from modeling.megatron.args import check_args_against_tensors, qwen2_fields, true_vocab
 
-        vocab = hf_vocab_rows(getattr(args, "vocab_size", None) or args.padded_vocab_size)
+        vocab = true_vocab(args, tokenizer_vocab)
+        fields = qwen2_fields(args)
+        if ckpt is not None:  # the tensors are certain where args of some generations are not
+            tensors = CheckpointTensors(ckpt)
+            layers = {int(n.split(".")[2]) for n in tensors.names if n.startswith("decoder.layers.")}
+            fields.update(
+                num_hidden_layers=max(layers) + 1 if layers else fields["num_hidden_layers"],
+                hidden_size=tensors.shape("embedding.word_embeddings.weight", 0)[1],
+                tie_word_embeddings="output_layer.weight" not in tensors.names,
+                intermediate_size=tensors.shape("decoder.layers.0.mlp.linear_fc1.weight", 0)[0] // 2,
+            )
+            check_args_against_tensors(args, fields)
         return Qwen2Config(
-            **qwen2_fields(args),
-            vocab_size=vocab,
+            **fields,
+            vocab_size=hf_vocab_rows(vocab),
             architectures=["Qwen2ForCausalLM"],
         )
 

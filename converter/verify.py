@@ -24,6 +24,7 @@ from .errors import ConversionError
 from .formats.checksums import digest_of
 from .formats.safetensors_stream import DTYPE_NAMES, DTYPE_OF_NAME, INDEX, read_header
 from .manifest import MANIFEST, read_manifest
+from .tokenizer_folder import tokenizer_size
 
 
 @dataclass
@@ -195,7 +196,14 @@ def _check_against(folder: Path, stored: dict[str, StoredTensor], source: Path, 
     ckpt = open_megatron(source, trust_pickle=trust_pickle)
     family = family_for_args(ckpt.args)
     try:
-        source_config = family.hf_config(ckpt.args)
+        # what the checkpoint cannot tell (tokenizer size, real ViT heads) is taken from the folder
+        folder_config = json.loads((folder / "config.json").read_text())
+        source_config = family.hf_config(
+            ckpt.args,
+            ckpt=ckpt,
+            tokenizer_vocab=tokenizer_size(folder),
+            vision_real_heads=folder_config.get("vision_config", {}).get("num_attention_heads"),
+        )
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
         raise ConversionError(f"{ckpt.iteration_dir}: args do not describe a model ({exc})") from None
     table = family.table(source_config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))

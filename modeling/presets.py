@@ -72,7 +72,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     ),
     # Small but structurally faithful: GQA (2 query heads per KV group, 4 groups so TP 1/2/4 shard),
-    # 5 real + 3 dummy ViT heads, 64x64 tiles of 8x8 patches (16 LLM tokens per tile), and a
+    # 5 real + 7 dummy ViT heads (always 7, as the release, vLLM and the published code expect),
+    # 64x64 tiles of 8x8 patches (16 LLM tokens per tile), and a
     # 1024-row vocab over the 1000-entry tokenizer of tests/fixtures/tiny-tokenizer.
     "tiny": dict(
         _COMMON,
@@ -84,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             patch_size=8,
             hidden_size=80,
             num_attention_heads=5,
-            num_dummy_heads=3,
+            num_dummy_heads=7,
             intermediate_size=160,
             num_hidden_layers=2,
             layer_norm_eps=1e-6,
@@ -112,10 +113,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Trained by scripts/train_tiny_nvlm.py on the synthetic benchmark (converter/parity/synthetic.py)
 # and shipped in tests/fixtures/nvlm-d-small-trained: "tiny" made wider and deeper so that it
-# learns to read, still 11 MB. 6 real + 2 dummy ViT heads (8 at TP 2/4/8); 2 KV groups (TP 1 or 2).
+# learns to read, still 11 MB. 6 real + 7 dummy ViT heads (Megatron pads to 8 at TP 4/8); 2 KV groups.
 PRESETS["small"] = copy.deepcopy(PRESETS["tiny"])
 PRESETS["small"]["vision_config"].update(
-    hidden_size=96, num_attention_heads=6, num_dummy_heads=2, intermediate_size=384, num_hidden_layers=4
+    hidden_size=96, num_attention_heads=6, num_dummy_heads=7, intermediate_size=384, num_hidden_layers=4
 )
 PRESETS["small"]["llm_config"].update(
     hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2

@@ -71,7 +71,7 @@ def test_folder_contents(converted):
     assert config["auto_map"]["AutoModel"] == "modeling_nvlm_d.NVLM_D_Model"
     assert config["img_context_token_id"] == 989  # from the tokenizer's <|vision_pad|>
     assert config["projector_layer_norm_eps"] == 1e-5  # recorded from the checkpoint's args
-    assert config["vision_config"]["num_dummy_heads"] == 3
+    assert config["vision_config"]["num_dummy_heads"] == 7  # always real + 7, whatever Megatron padded
     assert not list(folder.parent.glob(".*partial*"))
 
 

@@ -228,7 +228,7 @@ def test_args_that_contradict_the_tensors(checkpoints, tmp_path, kind):
     source = _copy(checkpoints, "tp1-te", tmp_path)
     if kind == "shape":
         _edit(_rank(source), lambda s: setattr(s["args"], "ffn_hidden_size", 2 * s["args"].ffn_hidden_size))
-        _refused(tmp_path, source, "shapes disagree with the args", "mlp.down_proj.weight")
+        _refused(tmp_path, source, "args.ffn_hidden_size is 512, but the tensors give 256")
     else:
         _edit(_rank(source), lambda s: delattr(s["args"], "hidden_size"))
         _refused(tmp_path, source, "iter_0000001", "args do not describe", "hidden_size")

@@ -149,7 +149,7 @@ def test_shipped_checkpoint_layout(trained_hf):
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
     assert args.params_dtype == torch.float32
     config = NVLM_D_Config.from_pretrained(trained_hf)
-    assert config.vision_config.num_attention_heads == 6 and config.vision_config.num_dummy_heads == 2
+    assert config.vision_config.num_attention_heads == 6 and config.vision_config.num_dummy_heads == 7
     assert config.llm_config.num_hidden_layers == 4
     size = sum(p.stat().st_size for p in TRAINED.rglob("*") if p.is_file())
     size += sum(p.stat().st_size for p in BENCH.parent.rglob("*") if p.is_file())

@@ -77,6 +77,7 @@ class TorchDistCheckpoint:
     vp: int = 1
     entries: dict[str, tuple[str, int | None, TensorStorageMetadata]] = field(default_factory=dict)
     note: str | None = None
+    generation: str = ""  # which megatron-core layout the common state came in (for `inspect`)
     files: list[Path] = field(default_factory=list)  # every file of the iteration folder
     storage: dict = field(default_factory=dict)  # DCP MetadataIndex -> (relative path, offset, length)
     metadata: object = field(default=None, repr=False)  # DCP Metadata, read once (not at every read)
@@ -167,44 +168,37 @@ class TorchDistCheckpoint:
         return f"{self.iteration_dir}: cannot read {name} ({reason})"
 
 
-def is_torch_dist(path: Path) -> bool:
-    return (Path(path) / "metadata.json").exists()
-
-
 def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False) -> TorchDistCheckpoint:
     iteration_dir, note = find_iteration_dir(root, iteration)
     meta_json = iteration_dir / "metadata.json"
     try:
         backend = json.loads(meta_json.read_text()).get("sharded_backend")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         raise ConversionError(f"{meta_json}: unreadable ({exc})") from None
     if backend != "torch_dist":
         raise ConversionError(
             f"{meta_json}: sharded_backend {backend!r} is not supported (only 'torch_dist')"
         )
-    common_path = iteration_dir / "common.pt"
-    if not common_path.exists():
-        raise ConversionError(f"{common_path}: missing")
-    common = safe_pickle.load(common_path, trust_pickle=trust_pickle, mmap=False)
+    metadata_path = iteration_dir / ".metadata"
+    metadata = safe_pickle.load_dcp_metadata(metadata_path, trust_pickle=trust_pickle)
+    try:
+        storage = dict(metadata.storage_data)
+        state_meta = dict(metadata.state_dict_metadata)
+    except (AttributeError, TypeError) as exc:
+        raise ConversionError(f"{metadata_path}: not DCP metadata ({exc})") from None
+    _check_storage_files(iteration_dir, storage)
+    common, common_where, generation = _common_state(iteration_dir, state_meta, storage, trust_pickle)
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:
-        raise ConversionError(f"{common_path}: no 'args'")
-    tp, pp, _ = parallel_sizes(args, common_path)
-    try:
-        metadata = dcp.FileSystemReader(str(iteration_dir)).read_metadata()
-        storage = dict(metadata.storage_data)
-    except Exception as exc:
-        reason = (str(exc).splitlines() or [""])[0][:200]
-        raise ConversionError(
-            f"{iteration_dir / '.metadata'}: unreadable ({type(exc).__name__}: {reason})"
-        ) from None
-    _check_storage_files(iteration_dir, storage)
+        raise ConversionError(f"{common_where}: no 'args'")
+    tp, pp, _ = parallel_sizes(args, common_where)
     ckpt = TorchDistCheckpoint(Path(root), iteration_dir, args, tp, pp, note=note, storage=storage)
     ckpt.metadata = metadata
+    ckpt.generation = generation
     ckpt.files = sorted(p for p in iteration_dir.iterdir() if p.is_file())
-    for key, meta in metadata.state_dict_metadata.items():
-        if not isinstance(meta, TensorStorageMetadata):
-            continue  # _extra_state and other byte objects
+    for key, meta in state_meta.items():
+        if not isinstance(meta, TensorStorageMetadata) or key.startswith(IGNORED_PREFIXES):
+            continue  # _extra_state and other byte objects; optimizer state is never read
         stacked = _STACKED.match(key)
         if stacked:
             for layer in range(meta.size[0]):
@@ -214,10 +208,59 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
     return ckpt
 
 
+# Top-level keys of a torch_dist checkpoint that are not the model's: the distributed optimizer's
+# state (exp_avg, exp_avg_sq, fp32 param buckets) and RNG state. Never read.
+IGNORED_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine_state")
+COMMON_STATE_KEY = "common_state"  # megatron-core >= 0.19: a ShardedObject, key "common_state/shard_0_1"
+
+
+def _common_state(iteration_dir: Path, state_meta: dict, storage: dict, trust_pickle: bool):
+    """The common state dict (args, iteration, ...): `common.pt` up to megatron-core 0.18, the DCP
+    byte object `common_state` from 0.19 (read as raw bytes and unpickled safely; DCP's own
+    planner would torch.load it with weights_only=False). Returns (state, where, generation)."""
+    common_path = iteration_dir / "common.pt"
+    if common_path.exists():
+        state = safe_pickle.load(common_path, trust_pickle=trust_pickle, mmap=False)
+        return state, common_path, "megatron-core <= 0.18 (common.pt)"
+    keys = [key for key in state_meta if key == COMMON_STATE_KEY or key.startswith(COMMON_STATE_KEY + "/")]
+    infos = [info for index, info in storage.items() if index.fqn in keys]
+    if not infos:
+        raise ConversionError(
+            f"{common_path}: missing, and {iteration_dir / '.metadata'} has no {COMMON_STATE_KEY!r} "
+            "(megatron-core 0.19+) either"
+        )
+    if len(infos) != 1:
+        raise ConversionError(f"{iteration_dir / '.metadata'}: {len(infos)} chunks of {COMMON_STATE_KEY!r}")
+    info = infos[0]
+    path = iteration_dir / info.relative_path
+    where = f"{path} ({COMMON_STATE_KEY} at byte {info.offset})"
+    if getattr(info, "transform_descriptors", None):
+        raise ConversionError(f"{where}: stored with transforms {info.transform_descriptors}, not supported")
+    with open(path, "rb") as file:
+        file.seek(info.offset)
+        data = file.read(info.length)
+    # DCP stores torch.save(BytesIO(torch.save([common state]))): a ShardedObject's bytes, wrapped
+    state = safe_pickle.load(data, trust_pickle=trust_pickle, where=where)
+    inner = safe_pickle.bytes_of(state)
+    if inner is not None:
+        state = safe_pickle.load(inner, trust_pickle=trust_pickle, where=where)
+    if isinstance(state, (list, tuple)) and len(state) == 1:
+        state = state[0]
+    return state, Path(where), "megatron-core >= 0.19 (common_state in DCP)"
+
+
 def _check_storage_files(iteration_dir: Path, storage: dict) -> None:
     """Every .distcp file the metadata names exists and is long enough for its chunks."""
     needed: dict[str, int] = {}
+    inside = iteration_dir.resolve()
     for info in storage.values():
+        relative = Path(info.relative_path)
+        escapes = relative.is_absolute() or ".." in relative.parts
+        if escapes or inside not in (inside / relative).resolve().parents:
+            raise ConversionError(
+                f"{iteration_dir / '.metadata'}: names the data file {info.relative_path!r}, which is not "
+                "inside the iteration folder"
+            )
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for relative, length in sorted(needed.items()):
         path = iteration_dir / relative
