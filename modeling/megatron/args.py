@@ -227,7 +227,17 @@ def vision_structure(args, tensors, *, real_heads: int | None = None) -> dict:
     side = round((positions - 1) ** 0.5)
     vision_type = arg(args, "vision_model_type", None)
     known = VISION_MODEL_TYPES.get(vision_type, {})
-    candidates = [h for h in range(1, hidden + 1) if hidden % h == 0 and qk_norm % (hidden // h) == 0]
+    # head counts the shapes allow: hidden = real x head_dim, and the stored (padded) heads follow
+    # Megatron's rule at the checkpoint's TP (NVLM-1.0 pads to a fixed 32 at any TP)
+    tp = arg(args, "tensor_model_parallel_size", 1)
+    fixed = {32} if generation_of(args) == NVLM_1_0 else set()
+    candidates = [
+        h
+        for h in range(1, hidden + 1)
+        if hidden % h == 0
+        and qk_norm % (hidden // h) == 0
+        and qk_norm // (hidden // h) in {padded_head_count(h, tp), *fixed}
+    ]
     heads = real_heads or arg(args, "vision_num_real_attention_heads", None)
     how = "--vision-real-heads" if real_heads else "args"
     if heads is None and known.get("real_heads") in candidates:
