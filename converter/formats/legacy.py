@@ -198,6 +198,12 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
     if args is None:
         raise ConversionError(f"{first_path}: no 'args' in the checkpoint")
     tp, pp, num_layers = parallel_sizes(args, first_path)
+    stages = 1 + max(p for _, p in files)
+    if pp == 1 and stages > 1 and all(_RANK_DIR.match(f.parent.name).group(2) for f in files.values()):
+        # NVLM-1.0's pp_checkpoint_converter.py re-splits the stages but copies args unchanged; like
+        # Megatron-LM's load_checkpoint, trust the rank folders' names for the pipeline layout
+        pp = stages
+        note = "; ".join(filter(None, [note, f"{iteration_dir}: args say PP=1, the rank folders PP={pp}"]))
     expected = {(t, p) for t in range(tp) for p in range(pp)}
     missing = sorted(expected - set(files))
     if missing:
