@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import tempfile
@@ -65,15 +66,10 @@ def _convert_to_hf(
     ckpt = open_megatron(src, iteration=iteration, trust_pickle=trust_pickle)
     if ckpt.note:
         click.echo(f"note: {ckpt.note}", err=True)
-    image_token, tokenizer_vocab = tokenizer_info(tokenizer)
     family = family_for_args(ckpt.args)
     try:
         config = family.hf_config(
-            ckpt.args,
-            image_token_id=image_token,
-            ckpt=ckpt,
-            tokenizer_vocab=tokenizer_vocab,
-            vision_real_heads=vision_real_heads,
+            ckpt.args, ckpt=ckpt, tokenizer=tokenizer_info(tokenizer), vision_real_heads=vision_real_heads
         )
         table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
         expected = family.expected(config)
@@ -121,6 +117,11 @@ def _convert_to_hf(
             config.dtype = torch.bfloat16
         elif dtype in DTYPES:
             config.dtype = DTYPES[dtype]
+        else:  # source: the dtype most of the bytes have (what from_pretrained(dtype="auto") takes)
+            by_dtype = collections.Counter()
+            for target in planned:
+                by_dtype[target.dtype] += target.nbytes
+            config.dtype = by_dtype.most_common(1)[0][0]
         family.write_extras(folder, config)
         if tokenizer is not None:
             for name in TOKENIZER_FILES:

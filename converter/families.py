@@ -19,11 +19,22 @@ from mappings.nvlm_d import table_for as nvlm_table_for
 from mappings.qwen2 import qwen2_table_for
 from mappings.table import Table
 
+from .tokenizer_folder import TokenizerInfo
+
 
 def hf_vocab_rows(tokenizer_vocab: int) -> int:
     """HF embedding rows for a tokenizer: Qwen2's 152064 for the Qwen2.5 tokenizer (the release), the
     tokenizer's own size otherwise (what hf-to-megatron records in `vocab_size`)."""
     return 152064 if tokenizer_vocab == 151665 else tokenizer_vocab
+
+
+def _record_special_tokens(text_config, tokenizer) -> None:
+    """eos / bos / pad ids of the tokenizer into the config that generation reads them from (None
+    left as is where the tokenizer has none): without eos, generate() runs to max_new_tokens."""
+    for field in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, field)
+        if value is not None:
+            setattr(text_config, field, value)
 
 
 class CheckpointTensors:
@@ -57,25 +68,30 @@ REMOTE_CODE = (
 @dataclass
 class NVLMD:
     name = "nvlm-d"
+    architecture = "NVLM_D"  # what the release's config.json says, and what vLLM selects its model by
 
     @staticmethod
     def detect(args) -> bool:
         return getattr(args, "vision_model_type", None) is not None
 
     @staticmethod
-    def hf_config(args, *, image_token_id=None, ckpt=None, tokenizer_vocab=None, vision_real_heads=None):
+    def hf_config(args, *, ckpt=None, tokenizer=None, vision_real_heads=None):
         """The NVLM_D_Config of a checkpoint: sizes from its tensors (`ckpt`) where they are certain,
-        the rest from its args through the generation table (modeling/megatron/args.py)."""
+        the rest from its args through the generation table (modeling/megatron/args.py); the
+        image placeholder and special ids from the tokenizer (a TokenizerInfo)."""
         from modeling.megatron.args import config_from_args
 
+        tokenizer = tokenizer or TokenizerInfo()
         config = config_from_args(
             args,
             tensors=CheckpointTensors(ckpt) if ckpt is not None else None,
-            tokenizer_vocab=tokenizer_vocab,
+            tokenizer_vocab=tokenizer.size,
             vision_real_heads=vision_real_heads,
         )
-        if image_token_id is not None:
-            config.img_context_token_id = image_token_id
+        config.architectures = [NVLMD.architecture]
+        if tokenizer.image_token_id is not None:
+            config.img_context_token_id = tokenizer.image_token_id
+        _record_special_tokens(config.llm_config, tokenizer)
         return config
 
     @staticmethod
@@ -155,12 +171,13 @@ class Qwen2:
         return getattr(args, "vision_model_type", None) is None
 
     @staticmethod
-    def hf_config(args, *, image_token_id=None, ckpt=None, tokenizer_vocab=None, vision_real_heads=None):
+    def hf_config(args, *, ckpt=None, tokenizer=None, vision_real_heads=None):
         from transformers import Qwen2Config
 
         from modeling.megatron.args import check_args_against_tensors, qwen2_fields, true_vocab
 
-        vocab = true_vocab(args, tokenizer_vocab)
+        tokenizer = tokenizer or TokenizerInfo()
+        vocab = true_vocab(args, tokenizer.size)
         fields = qwen2_fields(args)
         if ckpt is not None:  # the tensors are certain where args of some generations are not
             tensors = CheckpointTensors(ckpt)
@@ -172,11 +189,9 @@ class Qwen2:
                 intermediate_size=tensors.shape("decoder.layers.0.mlp.linear_fc1.weight", 0)[0] // 2,
             )
             check_args_against_tensors(args, fields)
-        return Qwen2Config(
-            **fields,
-            vocab_size=hf_vocab_rows(vocab),
-            architectures=["Qwen2ForCausalLM"],
-        )
+        config = Qwen2Config(**fields, vocab_size=hf_vocab_rows(vocab), architectures=["Qwen2ForCausalLM"])
+        _record_special_tokens(config, tokenizer)
+        return config
 
     @staticmethod
     def config_class():
@@ -233,7 +248,10 @@ class Qwen2:
 
     @staticmethod
     def write_extras(folder: Path, config) -> None:
+        from transformers import GenerationConfig
+
         config.save_pretrained(folder)
+        GenerationConfig.from_model_config(config).save_pretrained(folder)
 
 
 FAMILIES = (NVLMD, Qwen2)

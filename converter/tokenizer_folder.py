@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConversionError
@@ -17,10 +18,22 @@ TOKENIZER_FILES = (
 )
 
 
-def tokenizer_info(folder: Path | None) -> tuple[int | None, int | None]:
-    """Validate a tokenizer folder; return its <|vision_pad|> id (None without one) and its size."""
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What a conversion takes from the tokenizer: its size (the true vocab), the image placeholder
+    <|vision_pad|> (None without one) and the special ids the configs record (None where absent)."""
+
+    size: int | None = None
+    image_token_id: int | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
+def tokenizer_info(folder: Path | None) -> TokenizerInfo:
+    """Validate a tokenizer folder and read what a conversion needs of it (all None without one)."""
     if folder is None:
-        return None, None
+        return TokenizerInfo()
     folder = Path(folder)
     if not folder.is_dir():
         raise ConversionError(f"{folder}: tokenizer folder does not exist")
@@ -40,8 +53,20 @@ def tokenizer_info(folder: Path | None) -> tuple[int | None, int | None]:
         raise ConversionError(
             f"{folder}: the tokenizer does not load ({type(exc).__name__}: {exc})"
         ) from None
-    pad = tokenizer.convert_tokens_to_ids("<|vision_pad|>")
-    return (pad if isinstance(pad, int) and pad != tokenizer.unk_token_id else None), len(tokenizer)
+
+    def known(token: str) -> int | None:
+        found = tokenizer.convert_tokens_to_ids(token)
+        return found if isinstance(found, int) and found != tokenizer.unk_token_id else None
+
+    # Qwen2 tokenizers have no bos token; the release records <|endoftext|> as bos, as Qwen2 does
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else known("<|endoftext|>")
+    return TokenizerInfo(
+        size=len(tokenizer),
+        image_token_id=known("<|vision_pad|>"),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=bos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def tokenizer_size(folder: Path) -> int | None:

@@ -24,7 +24,7 @@ from .errors import ConversionError
 from .formats.checksums import digest_of
 from .formats.safetensors_stream import DTYPE_NAMES, DTYPE_OF_NAME, INDEX, read_header
 from .manifest import MANIFEST, read_manifest
-from .tokenizer_folder import tokenizer_size
+from .tokenizer_folder import TokenizerInfo, tokenizer_size
 
 
 @dataclass
@@ -201,7 +201,7 @@ def _check_against(folder: Path, stored: dict[str, StoredTensor], source: Path, 
         source_config = family.hf_config(
             ckpt.args,
             ckpt=ckpt,
-            tokenizer_vocab=tokenizer_size(folder),
+            tokenizer=TokenizerInfo(size=tokenizer_size(folder)),
             vision_real_heads=folder_config.get("vision_config", {}).get("num_attention_heads"),
         )
     except (AttributeError, TypeError, ValueError, KeyError) as exc:

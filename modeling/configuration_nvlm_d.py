@@ -25,6 +25,7 @@ from typing import Any
 from transformers import PretrainedConfig, Qwen2Config
 
 SUPPORTED_LLM_ARCHITECTURES = ("Qwen2ForCausalLM",)
+ARCHITECTURE = "NVLM_D"  # config.json's `architectures` in the release
 
 # The release's auto_map: the file names below are the ones save_pretrained copies.
 AUTO_MAP = {
@@ -172,6 +173,11 @@ class NVLM_D_Config(PretrainedConfig):
         out.pop("_legacy_source", None)
         out.pop("_llm_source", None)
         out["llm_config"] = restore_legacy_keys(out["llm_config"], self._llm_source)
+        # save_pretrained records the class name; the release (and vLLM's registry) say "NVLM_D"
+        if out.get("architectures") == ["NVLM_D_Model"]:
+            out["architectures"] = [ARCHITECTURE]
+        if out.get("dtype") is not None and "torch_dtype" not in out:
+            out["torch_dtype"] = out["dtype"]  # the name transformers 4.x (and vLLM) read
         return restore_legacy_keys(out, self._legacy_source)
 
     def to_diff_dict(self) -> dict[str, Any]:

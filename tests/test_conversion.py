@@ -72,7 +72,22 @@ def test_folder_contents(converted):
     assert config["img_context_token_id"] == 989  # from the tokenizer's <|vision_pad|>
     assert config["projector_layer_norm_eps"] == 1e-5  # recorded from the checkpoint's args
     assert config["vision_config"]["num_dummy_heads"] == 7  # always real + 7, whatever Megatron padded
+    assert config["architectures"] == ["NVLM_D"]  # the release's; vLLM selects its model by it
+    assert config["torch_dtype"] == config["dtype"] == "float32"  # the source's (transformers 4 and 5 names)
+    # the tokenizer's <|im_end|>, <|endoftext|> (bos, as the release records) and pad: generate() stops
+    special = {"eos_token_id": 980, "bos_token_id": 978, "pad_token_id": 978}
+    assert {k: config["llm_config"][k] for k in special} == special
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert {k: generation[k] for k in special} == special
     assert not list(folder.parent.glob(".*partial*"))
+
+
+def test_save_pretrained_keeps_the_release_architecture(converted, tmp_path):
+    from modeling import NVLM_D_Model
+
+    model = NVLM_D_Model.from_pretrained(converted["tp2-pp2"])
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["NVLM_D"]
 
 
 def test_megatron_and_hf_logits_agree(checkpoints, converted, tiny_tokenizer):
