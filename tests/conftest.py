@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -93,6 +94,35 @@ def cli(*args: str):
 
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result.exit_code, result.output
+
+
+def convert_each_format(root: Path, fixture: Path, formats, *flags) -> dict:
+    """`megatron-to-hf` (default safe loading) of each format folder of a fixture made by NVIDIA's
+    code; fmt -> (exit code, output, DST)."""
+    made = {}
+    for fmt in formats:
+        code, output = cli("megatron-to-hf", fixture / fmt, root / fmt, "--tokenizer", TINY_TOKENIZER, *flags)
+        made[fmt] = (code, output, root / fmt)
+    return made
+
+
+def converted_folder(converted: dict, fmt: str) -> Path:
+    code, output, dst = converted[fmt]
+    assert code == 0, f"megatron-to-hf of NVIDIA's {fmt} checkpoint failed:\n{output}"
+    return dst
+
+
+def assert_files_as_written(fixture: Path, expected: dict[str, set[str]], iteration: str) -> None:
+    """Every file NVIDIA's writer put in each format folder, and no other: nothing may be dropped
+    to make the converter's job easier."""
+    for fmt, names in expected.items():
+        root = fixture / fmt
+        assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == names, fmt
+        assert (root / "latest_checkpointed_iteration.txt").read_text() == iteration
+    if "torch_dist" in expected:
+        meta_json = fixture / "torch_dist" / f"iter_{int(iteration):07d}" / "metadata.json"
+        meta = json.loads(meta_json.read_text())
+        assert meta == {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 
 def load_hf_tensors(folder: Path) -> dict:

@@ -15,11 +15,17 @@ tensor bit for bit, and give byte-identical shards from the two formats.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_TOKENIZER, cli, load_hf_tensors
+from conftest import (
+    REPO,
+    assert_files_as_written,
+    cli,
+    convert_each_format,
+    converted_folder,
+    load_hf_tensors,
+)
 
 FIXTURE = REPO / "tests" / "fixtures" / "megatron-lm-0.19-gpt"
 FORMATS = ("torch", "torch_dist")
@@ -46,19 +52,7 @@ NVIDIA_FILES = {
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """`convert-checkpoint megatron-to-hf` of each format, default (safe) loading; (code, output, dst)."""
-    root = tmp_path_factory.mktemp("megatron-lm-0.19")
-    made = {}
-    for fmt in FORMATS:
-        dst = root / fmt
-        code, output = cli("megatron-to-hf", FIXTURE / fmt, dst, "--tokenizer", TINY_TOKENIZER)
-        made[fmt] = (code, output, dst)
-    return made
-
-
-def _hf_folder(converted, fmt: str) -> Path:
-    code, output, dst = converted[fmt]
-    assert code == 0, f"megatron-to-hf of NVIDIA's {fmt} checkpoint failed:\n{output}"
-    return dst
+    return convert_each_format(tmp_path_factory.mktemp(FIXTURE.name), FIXTURE, FORMATS)
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +71,12 @@ def megatron_state():
 
 
 def test_fixture_is_what_nvidia_wrote():
-    for fmt, names in NVIDIA_FILES.items():
-        root = FIXTURE / fmt
-        found = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-        assert found == names, fmt
-        assert (root / "latest_checkpointed_iteration.txt").read_text() == "2"
-    meta = json.loads((FIXTURE / "torch_dist" / "iter_0000002" / "metadata.json").read_text())
-    assert meta == {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    assert_files_as_written(FIXTURE, NVIDIA_FILES, iteration="2")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_converts_with_safe_loading(converted, fmt):
-    dst = _hf_folder(converted, fmt)
+    dst = converted_folder(converted, fmt)
     _, output, _ = converted[fmt]
     assert "qwen2: 17 source tensors -> 27 HF tensors" in output
     config = json.loads((dst / "config.json").read_text())
@@ -113,7 +101,7 @@ def test_converts_with_safe_loading(converted, fmt):
 def test_logits_match_megatrons(converted, recorded, fmt):
     from transformers import Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM.from_pretrained(_hf_folder(converted, fmt), dtype=torch.float32).eval()
+    model = Qwen2ForCausalLM.from_pretrained(converted_folder(converted, fmt), dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(recorded["input_ids"]).logits
     reference = recorded[f"logits_{fmt}"]
@@ -156,7 +144,7 @@ def _expected_hf(state: dict) -> dict:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_tensor_is_megatrons_bit_for_bit(converted, megatron_state, fmt):
-    dst = _hf_folder(converted, fmt)
+    dst = converted_folder(converted, fmt)
     assert len(megatron_state) == 17 and all(t.dtype == torch.float32 for t in megatron_state.values())
     expected, got = _expected_hf(megatron_state), load_hf_tensors(dst)
     assert set(got) == set(expected)
@@ -168,7 +156,7 @@ def test_every_tensor_is_megatrons_bit_for_bit(converted, megatron_state, fmt):
 
 
 def test_both_formats_give_byte_identical_shards(converted):
-    legacy, dist = (_hf_folder(converted, fmt) for fmt in FORMATS)
+    legacy, dist = (converted_folder(converted, fmt) for fmt in FORMATS)
     shards = sorted(p.name for p in legacy.glob("*.safetensors"))
     assert shards and shards == sorted(p.name for p in dist.glob("*.safetensors"))
     for name in shards:

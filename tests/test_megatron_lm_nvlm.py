@@ -18,11 +18,18 @@ abs diff 5.4e-7), every tensor bitwise, and byte-identical shards from the two f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_TOKENIZER, cli, load_hf_tensors
+from conftest import (
+    REPO,
+    TINY_TOKENIZER,
+    assert_files_as_written,
+    cli,
+    convert_each_format,
+    converted_folder,
+    load_hf_tensors,
+)
 
 FIXTURE = REPO / "tests" / "fixtures" / "megatron-lm-0.19-nvlm"
 FORMATS = ("torch", "torch_dist")
@@ -45,20 +52,8 @@ NVIDIA_FILES = {
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """`convert-checkpoint megatron-to-hf --vision-real-heads 5` of each format; (code, output, dst)."""
-    root = tmp_path_factory.mktemp("megatron-lm-0.19-nvlm")
-    made = {}
-    for fmt in FORMATS:
-        dst = root / fmt
-        flags = ("--tokenizer", TINY_TOKENIZER, "--vision-real-heads", REAL_VIT_HEADS)
-        code, output = cli("megatron-to-hf", FIXTURE / fmt, dst, *flags)
-        made[fmt] = (code, output, dst)
-    return made
-
-
-def _hf_folder(converted, fmt: str) -> Path:
-    code, output, dst = converted[fmt]
-    assert code == 0, f"megatron-to-hf of NVIDIA's {fmt} checkpoint failed:\n{output}"
-    return dst
+    flags = ("--vision-real-heads", REAL_VIT_HEADS)
+    return convert_each_format(tmp_path_factory.mktemp(FIXTURE.name), FIXTURE, FORMATS, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +64,7 @@ def recorded():
 
 
 def test_fixture_is_what_nvidia_wrote():
-    for fmt, names in NVIDIA_FILES.items():
-        root = FIXTURE / fmt
-        found = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-        assert found == names, fmt
-        assert (root / "latest_checkpointed_iteration.txt").read_text() == "2"
-    meta = json.loads((FIXTURE / "torch_dist" / "iter_0000002" / "metadata.json").read_text())
-    assert meta == {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+    assert_files_as_written(FIXTURE, NVIDIA_FILES, iteration="2")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -87,7 +76,7 @@ def test_without_vit_heads_it_asks_for_them(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_converts_with_safe_loading(converted, fmt):
-    dst = _hf_folder(converted, fmt)
+    dst = converted_folder(converted, fmt)
     config = json.loads((dst / "config.json").read_text())
     assert config["architectures"] == ["NVLM_D"]
     vision, llm = config["vision_config"], config["llm_config"]
@@ -104,7 +93,7 @@ def test_converts_with_safe_loading(converted, fmt):
 def test_logits_match_megatrons(converted, recorded, fmt):
     from modeling import NVLM_D_Model
 
-    model = NVLM_D_Model.from_pretrained(_hf_folder(converted, fmt), dtype=torch.float32).eval()
+    model = NVLM_D_Model.from_pretrained(converted_folder(converted, fmt), dtype=torch.float32).eval()
     ids = recorded["hf_input_ids_image_slots_minus1"].clone()
     assert ids.shape == (1, SEQ) and int((ids == -1).sum()) == 16
     ids[ids == -1] = model.config.img_context_token_id  # Megatron's <image> became these 16 slots
@@ -127,7 +116,7 @@ def test_formats_gave_identical_logits(recorded):
 def test_tensors_are_megatrons_bit_for_bit(converted, fmt):
     from safetensors.torch import load_file
 
-    dst = _hf_folder(converted, fmt)
+    dst = converted_folder(converted, fmt)
     state = load_file(FIXTURE / "megatron_state.safetensors")  # Megatron's own view after loading
     got = load_hf_tensors(dst)
     assert len(got) == 61 and {t.dtype for t in got.values()} == {torch.bfloat16}  # as saved (--bf16)
@@ -159,7 +148,7 @@ def test_tensors_are_megatrons_bit_for_bit(converted, fmt):
 
 
 def test_both_formats_give_byte_identical_shards(converted):
-    legacy, dist = (_hf_folder(converted, fmt) for fmt in FORMATS)
+    legacy, dist = (converted_folder(converted, fmt) for fmt in FORMATS)
     shards = sorted(p.name for p in legacy.glob("*.safetensors"))
     assert shards and shards == sorted(p.name for p in dist.glob("*.safetensors"))
     for name in shards:
