@@ -31,9 +31,9 @@ from modeling.modeling_intern_vit import (
 )
 from modeling.modeling_nvlm_d import pixel_shuffle
 
-REAL_HEADS, DUMMY_HEADS, HEAD_DIM = 5, 3, 16
+REAL_HEADS, DUMMY_HEADS, HEAD_DIM = 5, 7, 16  # 7 dummy heads, as the release
 REAL = REAL_HEADS * HEAD_DIM  # 80
-PADDED = (REAL_HEADS + DUMMY_HEADS) * HEAD_DIM  # 128
+PADDED = (REAL_HEADS + DUMMY_HEADS) * HEAD_DIM  # 192
 EPS = 1e-6
 
 
