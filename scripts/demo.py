@@ -48,7 +48,7 @@ def _chat(hf_dir: Path, count: int = 3) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)  # the folder we just wrote
     from modeling.processing_nvlm_d import image_to_pixel_values
 
     entries = [json.loads(line) for line in BENCH.read_text().splitlines()]
