@@ -59,7 +59,8 @@ def _convert_to_hf(
     )
     from .families import family_for_args
     from .formats.safetensors_stream import assign_shards, parse_size, shard_names
-    from .manifest import seal, source_record
+    from .manifest import seal, source_record, tool
+    from .model_card import write_card
 
     if tokenizer is None and not no_tokenizer and not dry_run:
         raise click.UsageError("--tokenizer DIR is required (or pass --no-tokenizer)")
@@ -127,7 +128,9 @@ def _convert_to_hf(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer) / name).exists():
                     shutil.copyfile(Path(tokenizer) / name, folder / name)
-        seal(folder, source_record(ckpt, dtype), written.digests)
+        record = source_record(ckpt, dtype)
+        write_card(folder, Path(dst).name, family=family, source=record, tool=tool(), digests=written.digests)
+        seal(folder, record, written.digests)
     click.echo(f"wrote {dst}")
 
 

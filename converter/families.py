@@ -69,6 +69,11 @@ REMOTE_CODE = (
 class NVLMD:
     name = "nvlm-d"
     architecture = "NVLM_D"  # what the release's config.json says, and what vLLM selects its model by
+    # the model card (converter/model_card.py)
+    card_title = "NVLM-D (InternViT vision tower, MLP projector, Qwen2 language model)"
+    pipeline_tag = "image-text-to-text"
+    auto_class = "AutoModel"
+    card_tags = ("custom_code",)  # loads with trust_remote_code=True (the files beside the weights)
 
     @staticmethod
     def detect(args) -> bool:
@@ -165,6 +170,10 @@ class Qwen2:
     """A plain Megatron GPT checkpoint of a Qwen2 model -> transformers' Qwen2ForCausalLM."""
 
     name = "qwen2"
+    card_title = "A Qwen2 causal language model (transformers' Qwen2ForCausalLM)"
+    pipeline_tag = "text-generation"
+    auto_class = "AutoModelForCausalLM"
+    card_tags = ()
 
     @staticmethod
     def detect(args) -> bool:

@@ -26,6 +26,10 @@ def tool_version() -> str:
         return "unknown"
 
 
+def tool() -> dict:
+    return {"name": "nvlm-port", "version": tool_version()}
+
+
 def source_record(ckpt, dtype: str) -> dict:
     return {
         "path": str(Path(ckpt.root).resolve()),
@@ -49,7 +53,7 @@ def seal(folder: Path, source: dict, known: dict[str, FileDigest]) -> None:
             files[name] = (known.get(name) or digest_of(path)).to_json()
     manifest = {
         "format": FORMAT,
-        "tool": {"name": "nvlm-port", "version": tool_version()},
+        "tool": tool(),
         "source": source,
         "files": files,
     }

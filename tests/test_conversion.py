@@ -65,6 +65,7 @@ def test_folder_contents(converted):
         "modeling_intern_vit.py",
         "processing_nvlm_d.py",
         "model.safetensors",
+        "README.md",
     ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())
@@ -80,6 +81,20 @@ def test_folder_contents(converted):
     generation = json.loads((folder / "generation_config.json").read_text())
     assert {k: generation[k] for k in special} == special
     assert not list(folder.parent.glob(".*partial*"))
+
+
+def test_model_card(converted):
+    """README.md with the Hub's front matter and the provenance the manifest holds."""
+    folder = converted["tp2-dist"]
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "- custom_code"):
+        assert line in front.splitlines(), front
+    manifest = json.loads((folder / "nvlm_port_manifest.json").read_text())
+    assert manifest["files"]["README.md"]["size"] == len(card.encode())  # sealed with the rest
+    assert f"`{manifest['files']['model.safetensors']['sha256']}`" in card
+    assert "Megatron-LM `torch_dist`, iter_0000001" in card and "TP=2 PP=1" in card
+    assert "trust_remote_code=True" in card
 
 
 def test_save_pretrained_keeps_the_release_architecture(converted, tmp_path):
