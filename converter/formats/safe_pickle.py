@@ -20,9 +20,12 @@ only torch's DCP metadata classes and the few torch values they hold.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import pathlib
 import pickle
 import re
+import types
 from pathlib import Path
 
 import torch
@@ -95,6 +98,29 @@ def _refused(where: str, name: str) -> ConversionError:
     )
 
 
+# Real classes admitted as they are: constructing them from a pickle runs nothing else.
+HARMLESS = {
+    "argparse.Namespace": argparse.Namespace,
+    "types.SimpleNamespace": types.SimpleNamespace,
+    "pathlib.PosixPath": pathlib.PosixPath,
+    "pathlib.PurePosixPath": pathlib.PurePosixPath,
+}
+
+
+@contextlib.contextmanager
+def _only_our_safe_globals():
+    """The loader's own allow-list, whatever the process registered with torch: megatron-core
+    registers its real enums (`register_safe_globals`), and its ModelType of today cannot hold
+    NVLM-1.0's value 2; which of two entries under one name wins is torch's set order."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
+
+
 # torch's two spellings of a refused global (an unknown class, or one from a blocked module)
 _UNSUPPORTED = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
@@ -112,12 +138,13 @@ def load(source: Path | bytes, *, trust_pickle: bool = False, mmap: bool = True,
     try:
         if trust_pickle:
             return torch.load(opened(), map_location="cpu", weights_only=False, mmap=mmap)
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(opened())
-        for name in sorted(names):
-            if not is_inert(name) and name != "argparse.Namespace":
-                raise _refused(where, name)
-        admitted = [argparse.Namespace, *((stand_in_for(name), name) for name in names if is_inert(name))]
-        with torch.serialization.safe_globals(admitted):
+        with _only_our_safe_globals():
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(opened())
+            for name in sorted(names):
+                if not is_inert(name) and name not in HARMLESS:
+                    raise _refused(where, name)
+            admitted = [*HARMLESS.values(), *((stand_in_for(name), name) for name in names if is_inert(name))]
+            torch.serialization.add_safe_globals(admitted)
             return torch.load(opened(), map_location="cpu", weights_only=True, mmap=mmap)
     except ConversionError:
         raise
