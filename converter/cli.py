@@ -125,8 +125,8 @@ def _convert_to_hf(
             config.dtype = by_dtype.most_common(1)[0][0]
         family.write_extras(folder, config)
         if tokenizer is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer) / name).exists():
+            for name in TOKENIZER_FILES:  # what the family wrote (e.g. chat_template.jinja) wins
+                if (Path(tokenizer) / name).exists() and not (folder / name).exists():
                     shutil.copyfile(Path(tokenizer) / name, folder / name)
         record = source_record(ckpt, dtype)
         write_card(folder, Path(dst).name, family=family, source=record, tool=tool(), digests=written.digests)

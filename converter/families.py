@@ -142,9 +142,12 @@ class NVLMD:
 
     @staticmethod
     def write_extras(folder: Path, config) -> None:
-        """config.json with auto_map, the remote-code files, generation and preprocessor configs."""
+        """config.json with auto_map, the remote-code files, generation config, and processing in
+        transformers' terms: preprocessor_config.json (AutoImageProcessor -> GotOcr2ImageProcessor,
+        tiles equal to ours), processor_config.json (AutoProcessor -> our NVLMProcessor, remote code)
+        and chat_template.jinja (chat()'s prompt; it wins over a template in tokenizer_config.json)."""
         import modeling
-        from modeling.processing_nvlm_d import NVLMImageProcessor
+        from modeling.processing_nvlm_d import CHAT_TEMPLATE, IMG_CONTEXT_TOKEN, NVLMImageProcessor
 
         config.save_pretrained(folder)
         source = Path(modeling.__file__).parent
@@ -162,7 +165,17 @@ class NVLMD:
         processor = NVLMImageProcessor(
             image_size=config.image_size, max_num=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail
         )
-        (folder / "preprocessor_config.json").write_text(json.dumps(processor.to_dict(), indent=2) + "\n")
+        auto_map = {"AutoProcessor": "processing_nvlm_d.NVLMProcessor"}
+        preprocessor = {**processor.to_dict(), "processor_class": "NVLMProcessor", "auto_map": auto_map}
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+        processor_config = {
+            "processor_class": "NVLMProcessor",
+            "auto_map": auto_map,
+            "num_image_token": config.num_image_token,
+            "image_token": IMG_CONTEXT_TOKEN,
+        }
+        (folder / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 @dataclass

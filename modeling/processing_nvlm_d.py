@@ -1,14 +1,19 @@
 """Image preprocessing and prompt building for NVLM-D.
 
 This file is shipped as remote code inside converted model folders, so it stays
-self-contained: only the standard library, numpy, torch and PIL are imported.
+self-contained: only the standard library, numpy, torch, PIL and transformers are imported.
 
-Two halves:
+Three parts:
 1. images -> pixel tensors: InternVL-style dynamic tiling into square tiles plus a
    thumbnail, bicubic resizing and ImageNet normalisation;
 2. text -> prompt string: the published chatml chat format (MPT separator style, no
    newline after ``<|im_end|>``) with each ``<image>`` marker expanded into tile tags and
-   image-context tokens.
+   image-context tokens;
+3. the same in transformers' own terms, for a converted folder: `image_processor_config`
+   (the preprocessor_config.json under which `AutoImageProcessor` gives transformers'
+   `GotOcr2ImageProcessor`, whose tiles equal part 1's), `CHAT_TEMPLATE` (chat()'s prompt as
+   a chat template) and `NVLMProcessor` (what `AutoProcessor` gives: image + text in,
+   input_ids + pixel_values out, placeholders expanded as chat() expands them).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
 
 # --------------------------------------------------------------------------------------
 # 1. Images
@@ -187,20 +195,37 @@ class NVLMImageProcessor:
     def from_dict(cls, config: dict) -> NVLMImageProcessor:
         """Build from preprocessor_config.json fields (size/crop_size may be int or dict)."""
         image_size = _size_value(config.get("crop_size", config.get("size", 448)))
+        max_num = config.get("max_dynamic_patch", config.get("max_patches", 6))
+        min_num = config.get("min_dynamic_patch", config.get("min_patches", 1))
         resample = config.get("resample", 3)
         if resample != 3:
             raise ValueError(f"only bicubic resampling (3) is supported, got {resample!r}")
         return cls(
             image_size=image_size,
-            max_num=config.get("max_dynamic_patch", 6),
-            min_num=config.get("min_dynamic_patch", 1),
+            max_num=max_num,
+            min_num=min_num,
             use_thumbnail=config.get("use_thumbnail", True),
             image_mean=config.get("image_mean", IMAGENET_MEAN),
             image_std=config.get("image_std", IMAGENET_STD),
         )
 
     def to_dict(self) -> dict:
-        """The published preprocessor_config.json fields plus the tiling settings."""
+        """preprocessor_config.json: the fields under which transformers' AutoImageProcessor gives
+        GotOcr2ImageProcessor tiling exactly as this class does, plus our tiling settings.
+
+        Without a thumbnail (no GotOcr2 form) the published release's CLIP-style fields are written."""
+        ours = {
+            "max_dynamic_patch": self.max_num,
+            "min_dynamic_patch": self.min_num,
+            "use_thumbnail": self.use_thumbnail,
+        }
+        if self.use_thumbnail:
+            return {
+                **image_processor_config(
+                    self.image_size, self.max_num, self.min_num, True, self.image_mean, self.image_std
+                ),
+                **ours,
+            }
         return {
             "crop_size": self.image_size,
             "do_center_crop": True,
@@ -211,9 +236,7 @@ class NVLMImageProcessor:
             "image_std": list(self.image_std),
             "resample": 3,
             "size": self.image_size,
-            "max_dynamic_patch": self.max_num,
-            "min_dynamic_patch": self.min_num,
-            "use_thumbnail": self.use_thumbnail,
+            **ours,
         }
 
 
@@ -303,3 +326,205 @@ def build_prompt(
 def split_response(text: str, sep: str = IM_END) -> str:
     """The generated answer: everything before the first separator, stripped."""
     return text.split(sep, 1)[0].strip()
+
+
+# --------------------------------------------------------------------------------------
+# 3. transformers' own pieces: AutoImageProcessor, chat template, AutoProcessor
+# --------------------------------------------------------------------------------------
+
+# transformers' processor whose tiling is InternVL's dynamic_preprocess (the same grid rule, tie
+# rule, row-major crops and thumbnail); with the keys below its tiles equal image_to_pixel_values'.
+GOT_OCR2_IMAGE_PROCESSOR = "GotOcr2ImageProcessor"
+
+
+def image_processor_config(
+    image_size: int = 448,
+    max_num: int = 6,
+    min_num: int = 1,
+    use_thumbnail: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> dict:
+    """preprocessor_config.json fields under which AutoImageProcessor gives GotOcr2ImageProcessor
+    tiling as `image_to_pixel_values` does (GotOcr2 always adds the thumbnail to a multi-tile image,
+    so use_thumbnail=False has no GotOcr2 form)."""
+    if not use_thumbnail:
+        raise ValueError("GotOcr2ImageProcessor always adds a thumbnail: no config for use_thumbnail=False")
+    return {
+        "image_processor_type": GOT_OCR2_IMAGE_PROCESSOR,
+        "crop_to_patches": True,
+        "min_patches": int(min_num),
+        "max_patches": int(max_num),
+        "size": {"height": int(image_size), "width": int(image_size)},
+        "do_resize": True,
+        "resample": 3,  # PIL bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(x) for x in mean],
+        "image_std": [float(x) for x in std],
+        "do_convert_rgb": True,
+    }
+
+
+# chat()'s prompt (build_prompt) as a chat template: chatml turns, MPT style (no newline after
+# <|im_end|>), the system turn "Answer the questions." unless the conversation brings its own (an
+# empty one drops it). Content is a string, or a list of {"type": "text"} / {"type": "image"}
+# parts; an image part is the "<image>\n" marker chat() puts before a lone first question, which
+# NVLMProcessor expands into <Image><tile_k>...</Image>.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = render(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + DEFAULT_SYSTEM_MESSAGE + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{%- if system -%}{{- '<|im_start|>system\n' + system + '<|im_end|>' -}}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + render(message['content']) + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def expand_image_markers(
+    text: str, num_patches_list: Sequence[int], num_image_token: int, context_token: str = IMG_CONTEXT_TOKEN
+) -> str:
+    """Replace the <image> markers of `text`, in order, by each image's tile placeholder."""
+    num_patches_list = list(num_patches_list)
+    found = text.count(IMAGE_MARKER)
+    if found != len(num_patches_list):
+        raise ValueError(
+            f"text has {found} '{IMAGE_MARKER}' marker(s) but {len(num_patches_list)} image(s) were given"
+        )
+    for num_tiles in num_patches_list:
+        text = text.replace(IMAGE_MARKER, image_placeholder(num_tiles, num_image_token, context_token), 1)
+    return text
+
+
+def _add_marker(text: str) -> str:
+    """chat()'s rule for one image and a question without a marker: "<image>\n" before the question
+    (in a chatml prompt, the content of its only user turn)."""
+    user = f"{IM_START}user\n"
+    if IM_START not in text:
+        return f"{IMAGE_MARKER}\n{text}"
+    if text.count(user) != 1:
+        raise ValueError(f"one image, no '{IMAGE_MARKER}' marker and several user turns: place the marker")
+    return text.replace(user, f"{user}{IMAGE_MARKER}\n", 1)
+
+
+def pil_image_processor(image_processor):
+    """The PIL form of a transformers image processor: GotOcr2's tiles equal ours with PIL's bicubic
+    resize, not with torchvision's (transformers 5 takes the torchvision backend wherever torchvision
+    is installed; transformers 4 calls it ...Fast)."""
+    name = type(image_processor).__name__
+    if name.endswith("Fast"):
+        target = name[: -len("Fast")]
+    elif getattr(image_processor, "backend", "pil") != "pil":
+        target = name + "Pil"
+    else:
+        return image_processor
+    pil_class = getattr(transformers, target, None)
+    if pil_class is None:
+        return image_processor
+    dropped = ("image_processor_type", "backend", "auto_map", "processor_class", "_processor_class")
+    return pil_class(**{k: v for k, v in image_processor.to_dict().items() if k not in dropped})
+
+
+class NVLMProcessor(ProcessorMixin):
+    """Image processor + tokenizer, as `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`
+    gives them for a converted folder.
+
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        model.generate(**inputs, max_new_tokens=...)
+
+    Each <image> marker of the text becomes <Image>, <tile_k> tags and `num_image_token`
+    <|vision_pad|> tokens per tile, </Image>, exactly as chat() builds its prompt; pixel_values are
+    the image processor's tiles of all images, in order (its PIL backend: see pil_image_processor).
+    One image and a text with no marker: the marker goes before the question (the only user turn),
+    as chat() puts it.
+    """
+
+    if int(transformers.__version__.split(".")[0]) < 5:  # transformers 4 finds its parts by these
+        attributes = ["image_processor", "tokenizer"]
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+    valid_kwargs = ["chat_template", "num_image_token", "image_token"]
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        num_image_token: int = 256,
+        image_token: str = IMG_CONTEXT_TOKEN,
+        **kwargs,
+    ):
+        self.num_image_token = int(num_image_token)
+        self.image_token = image_token
+        if chat_template is None:
+            chat_template = CHAT_TEMPLATE
+        if image_processor is not None:
+            image_processor = pil_image_processor(image_processor)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def __call__(self, images=None, text=None, videos=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """images: a PIL image (or path) or a list of them, in marker order, for all texts together;
+        text: a string or a list of strings with one <image> marker per image. Other keyword
+        arguments (padding, ...) go to the tokenizer."""
+        if videos is not None:
+            raise ValueError("NVLM-D takes no videos")
+        if text is None:
+            raise ValueError("NVLMProcessor needs text (the prompt, with an <image> marker per image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        else:  # [[img, ...], ...] per text -> flat, in marker order
+            images = [im for item in images for im in (item if isinstance(item, (list, tuple)) else [item])]
+        for key in ("images_kwargs", "text_kwargs", "common_kwargs", "videos_kwargs", "audio_kwargs"):
+            kwargs.pop(key, None)  # what ProcessorMixin.apply_chat_template may pass along
+        kwargs.pop("add_special_tokens", None)  # the prompt already holds its special tokens
+
+        data = {}
+        num_patches_list: list[int] = []
+        if images:
+            # The release's load_image: .convert("RGB") drops alpha (transformers would blend it on white).
+            pixels = self.image_processor([load_image(im) for im in images], return_tensors="pt")
+            data["pixel_values"] = pixels["pixel_values"]
+            num_patches_list = [int(n) for n in pixels["num_patches"]]
+            if len(texts) == 1 and len(images) == 1 and IMAGE_MARKER not in texts[0]:
+                texts = [_add_marker(texts[0])]
+        markers = [t.count(IMAGE_MARKER) for t in texts]
+        if sum(markers) != len(num_patches_list):
+            raise ValueError(
+                f"text has {sum(markers)} '{IMAGE_MARKER}' marker(s) but {len(num_patches_list)} image(s)"
+            )
+        expanded, start = [], 0
+        for t, count in zip(texts, markers):
+            expanded.append(
+                expand_image_markers(
+                    t, num_patches_list[start : start + count], self.num_image_token, self.image_token
+                )
+            )
+            start += count
+        encoded = self.tokenizer(expanded, return_tensors=return_tensors, add_special_tokens=False, **kwargs)
+        return BatchFeature(data={**encoded, **data}, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]

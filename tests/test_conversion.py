@@ -66,6 +66,8 @@ def test_folder_contents(converted):
         "processing_nvlm_d.py",
         "model.safetensors",
         "README.md",
+        "processor_config.json",
+        "chat_template.jinja",
     ):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())

@@ -41,9 +41,9 @@ ASSISTANT = "<|im_start|>assistant\n"
 # --------------------------------------------------------------------------------------
 
 
-def test_module_imports_only_stdlib_numpy_torch_pil():
+def test_module_imports_only_stdlib_numpy_torch_pil_transformers():
     tree = ast.parse(MODULE_PATH.read_text())
-    allowed_third_party = {"numpy", "torch", "PIL"}
+    allowed_third_party = {"numpy", "torch", "PIL", "transformers"}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative imports break when the file is copied as remote code"
@@ -242,10 +242,19 @@ def test_processor_config_round_trip():
     processor = P.NVLMImageProcessor.from_dict(PUBLISHED_PREPROCESSOR)
     assert processor.image_size == 448 and processor.max_num == 6 and processor.use_thumbnail
     config = processor.to_dict()
-    assert {k: config[k] for k in PUBLISHED_PREPROCESSOR} == PUBLISHED_PREPROCESSOR
+    # What we write is transformers' GotOcr2ImageProcessor form (tests/test_hf_processors.py) ...
+    assert config["image_processor_type"] == "GotOcr2ImageProcessor"
+    assert config["size"] == {"height": 448, "width": 448} and config["crop_to_patches"] is True
+    assert (config["min_patches"], config["max_patches"]) == (1, 6)
+    # ... plus the tiling settings under our own names, and it reads back as it was.
     assert config["max_dynamic_patch"] == 6 and config["use_thumbnail"] is True
-    again = P.NVLMImageProcessor.from_dict({**config, "max_dynamic_patch": 4, "use_thumbnail": False})
-    assert again.max_num == 4 and again.use_thumbnail is False
+    assert P.NVLMImageProcessor.from_dict(config).__dict__ == processor.__dict__
+    again = P.NVLMImageProcessor.from_dict({**config, "max_dynamic_patch": 4})
+    assert again.max_num == 4
+    # Without a thumbnail there is no GotOcr2 form: the published (CLIP-style) fields are written.
+    no_thumb = P.NVLMImageProcessor.from_dict({**config, "use_thumbnail": False})
+    assert no_thumb.use_thumbnail is False
+    assert {k: no_thumb.to_dict()[k] for k in PUBLISHED_PREPROCESSOR} == PUBLISHED_PREPROCESSOR
     with pytest.raises(ValueError):
         P.NVLMImageProcessor.from_dict({**PUBLISHED_PREPROCESSOR, "resample": 2})
 
