@@ -165,18 +165,6 @@ class MegatronRunner:
         return merged
 
     @torch.no_grad()
-    def generate_greedy(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        steps: int,
-        eos_token_id: int | None = None,
-    ) -> list[int] | None:
-        """Greedy continuation of one prompt (see `generate_greedy_batch`)."""
-        new = self.generate_greedy_batch([(input_ids, pixel_values)], steps, eos_token_id)
-        return new[0] if new is not None else None
-
-    @torch.no_grad()
     def generate_greedy_batch(
         self,
         prompts: list[tuple[torch.Tensor, torch.Tensor | None]],

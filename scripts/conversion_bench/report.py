@@ -3,7 +3,6 @@ section appended to docs/PERFORMANCE.md."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import shutil
@@ -207,9 +206,3 @@ def largest_hint(largest: int) -> str:
         f"largest tensor {largest / 1e9:.2f} GB ({largest / GIB:.2f} GiB); memory bound 2x + 1 GiB = "
         f"{(2 * largest + GIB) / GIB:.2f} GiB"
     )
-
-
-def full_model_bytes(config) -> int:
-    from converter.families import NVLMD
-
-    return sum(math.prod(shape) * 2 for shape in NVLMD.expected(config).values())
