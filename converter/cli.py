@@ -25,6 +25,18 @@ def main() -> None:
     checkpoints into Qwen2ForCausalLM). Output folders appear only when complete."""
 
 
+def _shard_size(ctx, param, value):
+    """--max-shard-size checked by click (a usage error, exit 2): '4GB', '500MB', '2GiB' or bytes."""
+    from .formats.safetensors_stream import parse_size
+
+    try:
+        if parse_size(value) < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 4GB, 500MB, 2GiB or 1000000") from None
+    return value
+
+
 def _dtype_policy(choice: str, family):
     if choice == "official":
         return lambda name, source: family.official_dtype(name)
@@ -74,10 +86,11 @@ def _convert_to_hf(
         )
         table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
         expected = family.expected(config)
-    except (AttributeError, TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
+    except Exception as exc:  # the config class (strict field types), torch (negative sizes), arithmetic
+        reason = " ".join(str(exc).split())[:300]
         raise ConversionError(
             f"{ckpt.iteration_dir}: the checkpoint's args do not describe a {family.name} model "
-            f"({type(exc).__name__}: {exc})"
+            f"({type(exc).__name__}: {reason})"
         ) from None
     steps = plan_megatron_to_hf(ckpt, table, expected, _dtype_policy(dtype, family))
     limit = parse_size(max_shard_size)
@@ -108,7 +121,7 @@ def _convert_to_hf(
             "--resume reuses its finished shards",
             err=True,
         )
-    with atomic_folder(Path(dst), overwrite=overwrite, resume=resume) as folder:
+    with atomic_folder(Path(dst), overwrite=overwrite, resume=resume, sources=[src]) as folder:
         written = execute_megatron_to_hf(
             ckpt, steps, folder, limit, check_finite=check_finite, resume=resume, workers=workers
         )
@@ -152,7 +165,7 @@ def _convert_to_hf(
     help="official: the release's per-tensor dtypes (attention projections in "
     "float32, the rest bfloat16); source: keep each tensor's dtype.",
 )
-@click.option("--max-shard-size", default="4GB", show_default=True)
+@click.option("--max-shard-size", default="4GB", show_default=True, callback=_shard_size)
 @click.option(
     "--dry-run", is_flag=True, help="Read shapes and dtypes only, check the mapping, print the plan."
 )
@@ -232,30 +245,70 @@ def megatron_to_hf(
     )
 
 
-def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwrite: bool, divisible_by: int):
-    from .engine import atomic_folder
-    from .families import family_for_hf_config
-    from .megatron_writers import HFSource, hf_steps, write_legacy, write_torch_dist
+def _write_megatron(
+    hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwrite: bool, divisible_by: int, sources=()
+):
+    from mappings.transforms import LayoutError
 
+    from .engine import atomic_folder, check_output_location, leftover_partials
+    from .families import family_for_hf_config
+    from .megatron_writers import (
+        HFSource,
+        check_against_config,
+        check_layer_counts,
+        check_layout,
+        hf_steps,
+        write_legacy,
+        write_torch_dist,
+    )
+
+    check_output_location(dst, [hf_dir, *sources])
     config_path = Path(hf_dir) / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face folder)")
-    config_json = json.loads(config_path.read_text())
+    try:
+        config_json = json.loads(config_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{config_path}: not JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config_json, dict):
+        raise ConversionError(f"{config_path}: holds a {type(config_json).__name__}, not a JSON object")
     family = family_for_hf_config(config_json)
-    config = family.config_class()(**config_json)
     source = HFSource(hf_dir)
-    table = family.table(config, divisible_by)
-    expected = family.expected(config)
+    check_layer_counts(source, config_json, config_path)
+    try:
+        config = family.config_class()(**config_json)
+        table = family.table(config, divisible_by)
+        expected = family.expected(config)
+    except Exception as exc:  # the config class, the table or the shapes: config.json's values
+        reason = " ".join(str(exc).split())[:300]  # one line, whatever the library's message
+        raise ConversionError(
+            f"{config_path}: does not describe a {family.name} model ({type(exc).__name__}: {reason})"
+        ) from None
     missing = set(expected) - set(source.where)
     if missing:
         raise ConversionError(f"{hf_dir}: missing tensors: {sorted(missing)[:5]}")
+    extra = sorted(set(source.where) - set(expected))
+    if extra:
+        raise ConversionError(
+            f"{source.folder / source.where[extra[0]]}: {extra[0]} is a tensor config.json does not "
+            f"describe ({len(extra)} such tensor(s)); it would be dropped"
+        )
+    check_against_config(source, expected, config_path)
     steps = hf_steps(table, list(expected))
     dtype = source.meta(next(iter(expected))).dtype  # from the file header, no data read
     tokenizer_vocab = tokenizer_size(Path(hf_dir))
-    args = family.megatron_args(
-        config, tp, pp, dtype=dtype, divisible_by=divisible_by, tokenizer_vocab=tokenizer_vocab
-    )
-    with atomic_folder(dst, overwrite=overwrite) as folder:
+    try:
+        args = family.megatron_args(
+            config, tp, pp, dtype=dtype, divisible_by=divisible_by, tokenizer_vocab=tokenizer_vocab
+        )
+    except (ValueError, ZeroDivisionError, LayoutError) as exc:
+        raise ConversionError(f"{config_path}: cannot be laid out at TP={tp} PP={pp} ({exc})") from None
+    if args.num_layers % pp:
+        raise ConversionError(f"{config_path}: {args.num_layers} layers do not divide into PP={pp} stages")
+    check_layout(steps, source, tp, config_path)
+    for leftover in leftover_partials(Path(dst)):
+        click.echo(f"note: {leftover} is left from an interrupted run to {dst} (not reused)", err=True)
+    with atomic_folder(dst, overwrite=overwrite, sources=[hf_dir, *sources]) as folder:
         writer = write_legacy if fmt == "torch" else write_torch_dist
         writer(folder, args, steps, source)
     click.echo(f"wrote {dst}: TP={tp} PP={pp} {fmt}")
@@ -264,12 +317,18 @@ def _write_megatron(hf_dir: Path, dst: Path, tp: int, pp: int, fmt: str, overwri
 @main.command("hf-to-megatron")
 @click.argument("src", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--tp", type=int, default=1, show_default=True)
-@click.option("--pp", type=int, default=1, show_default=True)
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--format", "fmt", type=click.Choice(["torch", "torch_dist"]), default="torch", show_default=True
 )
-@click.option("--make-vocab-size-divisible-by", "divisible_by", type=int, default=128, show_default=True)
+@click.option(
+    "--make-vocab-size-divisible-by",
+    "divisible_by",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+)
 @click.option("--overwrite", is_flag=True)
 def hf_to_megatron(src, dst, tp, pp, fmt, divisible_by, overwrite):
     """Write a Megatron checkpoint (vocab and ViT heads re-padded as Megatron pads them at TP)."""
@@ -279,8 +338,8 @@ def hf_to_megatron(src, dst, tp, pp, fmt, divisible_by, overwrite):
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--tp", type=int, required=True)
-@click.option("--pp", type=int, default=1, show_default=True)
+@click.option("--tp", type=click.IntRange(min=1), required=True)
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--format", "fmt", type=click.Choice(["torch", "torch_dist"]), help="Default: the source's format."
 )
@@ -288,8 +347,9 @@ def hf_to_megatron(src, dst, tp, pp, fmt, divisible_by, overwrite):
 @click.option("--overwrite", is_flag=True)
 def reshard(src, dst, tp, pp, fmt, trust_pickle, overwrite):
     """Re-shard a Megatron checkpoint to another TP/PP (and format), through the exact HF layout."""
-    from .engine import open_megatron
+    from .engine import check_output_location, open_megatron
 
+    check_output_location(dst, [src])
     ckpt = open_megatron(src, trust_pickle=trust_pickle)
     divisible_by = getattr(ckpt.args, "make_vocab_size_divisible_by", 128)
     with tempfile.TemporaryDirectory(
@@ -299,7 +359,7 @@ def reshard(src, dst, tp, pp, fmt, trust_pickle, overwrite):
         _convert_to_hf(
             src, middle, None, True, "source", "4GB", False, None, None, trust_pickle, False, False
         )
-        _write_megatron(middle, dst, tp, pp, fmt or ckpt.format, overwrite, divisible_by)
+        _write_megatron(middle, dst, tp, pp, fmt or ckpt.format, overwrite, divisible_by, sources=[src])
 
 
 @main.command()

@@ -50,7 +50,21 @@ class HFSource:
                 raise ConversionError(f"{file}: not a readable safetensors file ({exc})") from None
             self._handles[file.name] = handle
             for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if key in self.where:
+                    raise ConversionError(
+                        f"{file}: {key} is also in {self.folder / self.where[key]} (one tensor in two "
+                        "shard files: which one is meant is not clear)"
+                    )
                 self.where[key] = file.name
+                try:
+                    dtype = handle.get_slice(key).get_dtype()
+                except Exception as exc:
+                    raise ConversionError(f"{file}: {key}: unreadable header entry ({exc})") from None
+                if dtype not in _DTYPE_OF_NAME:
+                    raise ConversionError(
+                        f"{file}: {key} has the dtype {dtype}, which the converter does not handle "
+                        f"(known: {', '.join(sorted(_DTYPE_OF_NAME))})"
+                    )
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._handles[self.where[name]].get_tensor(name)  # a view of the file's mapping
@@ -70,6 +84,74 @@ class HFSource:
         """A meta tensor with the shape and dtype of `name` (from the file header only)."""
         view = self._handles[self.where[name]].get_slice(name)
         return torch.empty(view.get_shape(), dtype=_DTYPE_OF_NAME[view.get_dtype()], device="meta")
+
+
+_LAYER = re.compile(r"^(.*?\.layers)\.(\d+)\.")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "n_layers")
+
+
+def check_layer_counts(source: HFSource, config_json: dict, config_path: Path) -> None:
+    """config.json's layer counts are checked against the layers the tensors hold before any
+    model-sized structure is built from them (a claim of 2**40 layers is refused at once)."""
+    present: dict[str, set[int]] = {}
+    for name in source.where:
+        found = _LAYER.match(name)
+        if found:
+            present.setdefault(found.group(1), set()).add(int(found.group(2)))
+    most = max((len(layers) for layers in present.values()), default=0)
+
+    def claims(node, path=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                where = f"{path}.{key}" if path else str(key)
+                if key in LAYER_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+                    yield where, value
+                else:
+                    yield from claims(value, where)
+
+    for where, value in claims(config_json):
+        if value > most:
+            raise ConversionError(
+                f"{config_path}: {where} is {value:,}, but the tensors in {source.folder} hold at most "
+                f"{most} layers of a stack"
+            )
+
+
+def check_against_config(source: HFSource, expected: dict[str, tuple[int, ...]], config_path: Path) -> None:
+    """Every HF tensor the model needs has the shape config.json implies (and config.json implies
+    only positive sizes): a contradicting tensor is refused, not written."""
+    bad = sorted(name for name, shape in expected.items() if any(d < 1 for d in shape))
+    if bad:
+        raise ConversionError(
+            f"{config_path}: gives {bad[0]} the shape {tuple(expected[bad[0]])} (a size that is zero or "
+            f"negative; {len(bad)} tensor(s) so)"
+        )
+    wrong = [
+        (name, tuple(source.meta(name).shape), tuple(shape))
+        for name, shape in expected.items()
+        if tuple(source.meta(name).shape) != tuple(shape)
+    ]
+    if wrong:
+        name, found, want = wrong[0]
+        more = f" ({len(wrong) - 1} more tensors disagree)" if len(wrong) > 1 else ""
+        raise ConversionError(
+            f"{source.folder / source.where[name]}: {name} has the shape {found}, config.json implies "
+            f"{want}{more}"
+        )
+
+
+def check_layout(steps, source: HFSource, tp: int, config_path: Path) -> None:
+    """Every global Megatron tensor can be split into TP pieces (meta tensors: no data read), so a
+    TP that does not divide a size is refused before anything is written."""
+    for rule, layer in steps:
+        try:
+            rule.transform.split(megatron_tensor(source.meta, rule, layer, tp), tp)
+        except (LayoutError, ValueError, RuntimeError) as exc:
+            raise ConversionError(
+                f"{config_path}: the model cannot be split at TP={tp}: {rule.megatron_name(layer)}: {exc}"
+            ) from None
+        except ConversionError as exc:
+            raise ConversionError(f"{config_path}: the model cannot be laid out at TP={tp}: {exc}") from None
 
 
 def hf_steps(table: Table, hf_names: list[str]) -> list[tuple[Rule, str]]:

@@ -11,6 +11,7 @@ import click
 import torch
 
 from .errors import ClearErrorGroup, ConversionError
+from .parity.checkpoint_safety import open_checked
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -79,6 +80,13 @@ def main() -> None:
     "bias adds, GEMM shapes, the TP ranks' partial sums: converter/parity/numerics.py). At TP=1 and 2 "
     "the two sides then agree bit for bit in bf16, so any difference left is a real one.",
 )
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle globals outside the allow-list in the Megatron checkpoint (runs code from the "
+    "file: only for checkpoints you trust); without it every pickle is checked before megatron-core "
+    "loads it.",
+)
 @click.option("--max-abs-diff", type=float, help="Override the dtype's tolerance (see README).")
 @click.option("--min-top1", type=float, help="Override the minimum top-1 agreement.")
 @click.option("--max-kl", type=float, help="Override the maximum mean KL(Megatron || HF).")
@@ -99,15 +107,14 @@ def logits(
     min_top1,
     max_kl,
     min_greedy,
+    trust_pickle,
 ):
     """Logits, layer outputs and greedy generations of both codebases on identical token ids and pixels.
     Exit status 1 when a case is outside tolerance."""
-    from transformers import AutoTokenizer
 
-    from modeling import NVLM_D_Config
     from modeling.megatron.builder import ParallelLayout
     from modeling.megatron.distributed import run_ranks
-    from modeling.megatron.session import ForwardJob, ModelSource, forward_rank, read_args
+    from modeling.megatron.session import ForwardJob, ModelSource, forward_rank
 
     from .parity import cases as cases_mod
     from .parity import logits as parity
@@ -115,7 +122,7 @@ def logits(
     from .parity import report as report_mod
 
     started = time.perf_counter()
-    args = read_args(megatron_dir)
+    args = open_checked(megatron_dir, trust_pickle=trust_pickle).args
     layout = ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     if nproc is not None and nproc != layout.world_size:
         raise ConversionError(
@@ -124,8 +131,7 @@ def logits(
         )
     if device == "cuda" and not torch.cuda.is_available():
         raise ConversionError("--device cuda: no GPU is visible")
-    config = NVLM_D_Config.from_pretrained(hf_dir)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False)
+    config, tokenizer = _hf_side(hf_dir)
     cases = parity.build_cases(cases_spec, tokenizer, config)
     true_vocab = args.vocab_size
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -143,7 +149,7 @@ def logits(
         f"Megatron: {megatron_dir} at TP={layout.tp} PP={layout.pp} ({layout.world_size} ranks), {dtype}"
     )
     job = ForwardJob(
-        ModelSource(checkpoint=str(megatron_dir)),
+        ModelSource(checkpoint=str(megatron_dir), trust_pickle=trust_pickle),
         layout,
         [{"input_ids": c.input_ids, "pixel_values": c.pixel_values} for c in cases],
         dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
@@ -230,31 +236,37 @@ def logits(
 @click.option(
     "--report", "report_dir", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True
 )
-def bench(megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, batch_size, report_dir):
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle globals outside the allow-list in the Megatron checkpoint (runs code from the "
+    "file: only for checkpoints you trust); without it every pickle is checked before megatron-core "
+    "loads it.",
+)
+def bench(
+    megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, batch_size, report_dir, trust_pickle
+):
     """Greedy answers of both codebases on a benchmark file, scored with the standard metrics (VQA
     accuracy, ANLS, relaxed accuracy, multiple choice, exact match): benchmark x {Megatron, HF, delta}."""
-    from transformers import AutoTokenizer
 
-    from modeling import NVLM_D_Config
     from modeling.megatron.builder import ParallelLayout
     from modeling.megatron.distributed import run_ranks
-    from modeling.megatron.session import ForwardJob, ModelSource, forward_rank, read_args
+    from modeling.megatron.session import ForwardJob, ModelSource, forward_rank
     from modeling.processing_nvlm_d import split_response
 
     from .parity import bench as bench_mod
     from .parity import cases as cases_mod
     from .parity import logits as parity
 
-    args = read_args(megatron_dir)
+    args = open_checked(megatron_dir, trust_pickle=trust_pickle).args
     layout = ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    config = NVLM_D_Config.from_pretrained(hf_dir)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False)
+    config, tokenizer = _hf_side(hf_dir)
     items = bench_mod.load_items(data, limit)
     cases = cases_mod.prepare([bench_mod.as_case(item) for item in items], tokenizer, config)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     click.echo(f"{len(items)} items; Megatron at TP={layout.tp} PP={layout.pp}")
     job = ForwardJob(
-        ModelSource(checkpoint=str(megatron_dir)),
+        ModelSource(checkpoint=str(megatron_dir), trust_pickle=trust_pickle),
         layout,
         [],
         dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
@@ -292,6 +304,36 @@ def bench(megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, batc
             f"{name:14} {entry['n']:>4} {entry['megatron']:>9.1f} {entry['hf']:>7.1f} {entry['delta']:>+7.1f}"
         )
     click.echo(f"report: {report_dir / 'report.json'}, {report_dir / 'report.md'}")
+
+
+def _hf_side(hf_dir: Path):
+    """The HF folder's config and tokenizer, or one line saying what is missing."""
+    from transformers import AutoTokenizer
+
+    from modeling import NVLM_D_Config
+
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir() or not (hf_dir / "config.json").is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face folder)")
+    try:
+        config = NVLM_D_Config.from_pretrained(hf_dir)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise ConversionError(
+            f"{hf_dir / 'config.json'}: not an NVLM-D config ({type(exc).__name__}: {reason})"
+        ) from None
+    if not (hf_dir / "tokenizer_config.json").is_file():
+        raise ConversionError(
+            f"{hf_dir}: no tokenizer (tokenizer_config.json missing); parity-check needs one"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise ConversionError(
+            f"{hf_dir}: the tokenizer does not load ({type(exc).__name__}: {reason})"
+        ) from None
+    return config, tokenizer
 
 
 if __name__ == "__main__":

@@ -40,8 +40,16 @@ def find_iteration_dir(root: Path, iteration: int | None = None) -> tuple[Path, 
             raise ConversionError(f"{path}: iteration {iteration} not found")
         return path, None
     tracker = root / TRACKER
-    if tracker.exists():
-        text = tracker.read_text().strip()
+    if tracker.exists() or tracker.is_symlink():
+        try:
+            text = tracker.read_bytes()[:64].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConversionError(
+                f"{tracker}: not text (expected an iteration number or 'release')"
+            ) from None
+        except OSError as exc:
+            what = "is a folder" if tracker.is_dir() else exc.strerror
+            raise ConversionError(f"{tracker}: unreadable ({what})") from None
         if text != "release" and not text.isdigit():
             raise ConversionError(f"{tracker}: expected an iteration number or 'release', found {text!r}")
         path = root / iteration_name(text)
@@ -165,6 +173,9 @@ LAYOUT_FIELDS = (
 )
 
 
+MAX_LISTED_MISSING = 64  # more missing ranks than this are counted, not listed
+
+
 def parallel_sizes(args, path: Path) -> tuple[int, int, int]:
     """TP, PP and layer count from a checkpoint's args, refused unless positive integers."""
     values = []
@@ -204,6 +215,11 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
         # Megatron-LM's load_checkpoint, trust the rank folders' names for the pipeline layout
         pp = stages
         note = "; ".join(filter(None, [note, f"{iteration_dir}: args say PP=1, the rank folders PP={pp}"]))
+    if tp * pp > len(files) + MAX_LISTED_MISSING:  # before anything proportional to TP x PP is built
+        raise ConversionError(
+            f"{first_path}: args say TP={tp} PP={pp} ({tp * pp:,} ranks) but {iteration_dir} holds "
+            f"{len(files)} rank folder(s)"
+        )
     expected = {(t, p) for t in range(tp) for p in range(pp)}
     missing = sorted(expected - set(files))
     if missing:

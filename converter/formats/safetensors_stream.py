@@ -61,10 +61,13 @@ def parse_size(text: str | int) -> int:
         "B": 1,
     }
     upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
+    try:
+        for unit, factor in units.items():
+            if upper.endswith(unit):
+                return int(float(upper[: -len(unit)]) * factor)
+        return int(upper)
+    except OverflowError:  # 'inf GB'
+        raise ValueError(f"{text!r} is not a size") from None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -172,9 +173,12 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
     iteration_dir, note = find_iteration_dir(root, iteration)
     meta_json = iteration_dir / "metadata.json"
     try:
-        backend = json.loads(meta_json.read_text()).get("sharded_backend")
-    except (OSError, ValueError, AttributeError) as exc:
+        described = json.loads(meta_json.read_bytes())
+    except (OSError, ValueError) as exc:
         raise ConversionError(f"{meta_json}: unreadable ({exc})") from None
+    if not isinstance(described, dict):
+        raise ConversionError(f"{meta_json}: holds a {type(described).__name__}, not a JSON object")
+    backend = described.get("sharded_backend")
     if backend != "torch_dist":
         raise ConversionError(
             f"{meta_json}: sharded_backend {backend!r} is not supported (only 'torch_dist')"
@@ -196,9 +200,11 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
     ckpt.metadata = metadata
     ckpt.generation = generation
     ckpt.files = sorted(p for p in iteration_dir.iterdir() if p.is_file())
+    stored = {(index.fqn, tuple(index.offset or ())): info for index, info in storage.items()}
     for key, meta in state_meta.items():
         if not isinstance(meta, TensorStorageMetadata) or key.startswith(IGNORED_PREFIXES):
             continue  # _extra_state and other byte objects; optimizer state is never read
+        _check_chunks(metadata_path, key, meta, stored)  # before anything proportional to its size
         stacked = _STACKED.match(key)
         if stacked:
             for layer in range(meta.size[0]):
@@ -247,6 +253,44 @@ def _common_state(iteration_dir: Path, state_meta: dict, storage: dict, trust_pi
     if isinstance(state, (list, tuple)) and len(state) == 1:
         state = state[0]
     return state, Path(where), "megatron-core >= 0.19 (common_state in DCP)"
+
+
+def _check_chunks(metadata_path: Path, key: str, meta, stored: dict) -> None:
+    """A tensor's chunks lie inside its shape, cover all of it, and each has the bytes it claims in
+    the data files: sizes in a `.metadata` (e.g. 10**12 stacked layers) are checked against the
+    data actually present."""
+    size = tuple(meta.size)
+    if any(not isinstance(d, int) or d < 0 for d in size):
+        raise ConversionError(f"{metadata_path}: {key} has the shape {list(size)}")
+    try:
+        element = torch.empty((), dtype=meta.properties.dtype).element_size()
+    except (AttributeError, TypeError, RuntimeError):
+        raise ConversionError(f"{metadata_path}: {key} has no valid dtype") from None
+    total, covered = math.prod(size), 0
+    for chunk in meta.chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if (
+            len(offsets) != len(size)
+            or len(sizes) != len(size)
+            or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, size))
+        ):
+            raise ConversionError(f"{metadata_path}: {key} {list(size)} has a chunk outside it ({chunk})")
+        volume = math.prod(sizes)
+        info = stored.get((key, offsets))
+        if info is None:
+            raise ConversionError(
+                f"{metadata_path}: {key}: the chunk at {list(offsets)} has no data file entry"
+            )
+        if not getattr(info, "transform_descriptors", None) and info.length < volume * element:
+            raise ConversionError(
+                f"{metadata_path}: {key}: the chunk at {list(offsets)} claims {volume * element:,} bytes, "
+                f"its data holds {info.length:,}"
+            )
+        covered += volume
+    if covered != total:
+        raise ConversionError(
+            f"{metadata_path}: {key} is {list(size)} ({total:,} elements) but its chunks hold {covered:,}"
+        )
 
 
 def _check_storage_files(iteration_dir: Path, storage: dict) -> None:

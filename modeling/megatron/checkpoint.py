@@ -17,7 +17,6 @@ tensors (`te_names`), which is exactly the state dict TE would have produced for
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import re
 from dataclasses import dataclass
@@ -127,15 +126,24 @@ def _renamed_sharded(sharded: dict) -> dict:
 
 
 def load_legacy_state(
-    root: Path, *, tp_rank: int, pp_rank: int, pp: int, iteration: int | None = None
+    root: Path,
+    *,
+    tp_rank: int,
+    pp_rank: int,
+    pp: int,
+    iteration: int | str | None = None,
+    trust_pickle: bool = False,
 ) -> dict:
-    """The `model` state dict of one rank of a legacy checkpoint (trusted, made by us)."""
+    """The `model` state dict of one rank of a legacy checkpoint, unpickled through the
+    converter's allow-list (converter/formats/safe_pickle.py) unless `trust_pickle`."""
+    from converter.formats import safe_pickle
+
     root = Path(root)
     if iteration is None:
-        iteration = int((root / "latest_checkpointed_iteration.txt").read_text().strip())
-    path = iteration_dir(root, iteration) / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        iteration = (root / "latest_checkpointed_iteration.txt").read_text().strip()
+    folder = root / "release" if iteration == "release" else iteration_dir(root, int(iteration))
+    path = folder / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+    state = safe_pickle.load(path, trust_pickle=trust_pickle, mmap=False)["model"]
     return local_names(state)
 
 

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from .args import config_from_args
 from .builder import ParallelLayout, build_llava, padded_vocab_size
-from .checkpoint import iteration_dir, load_legacy_state, rank_dir_name, te_names
+from .checkpoint import load_legacy_state, te_names
 from .runner import MegatronRunner
 from .weights import fill_seeded_weights
 
@@ -29,6 +29,7 @@ class ModelSource:
     seed: int = 1234
     divisible_by: int = 128
     checkpoint: str | None = None
+    trust_pickle: bool = False  # --trust-pickle: the checkpoint's pickles skip the allow-lists
 
 
 @dataclass
@@ -47,28 +48,24 @@ class ForwardJob:
     logits: bool = True  # False: only the greedy continuations (benchmarks)
 
 
-def _iteration_dir(checkpoint: str | Path) -> Path:
-    root = Path(checkpoint)
-    return iteration_dir(root, int((root / "latest_checkpointed_iteration.txt").read_text().strip()))
+def open_checkpoint(checkpoint: str | Path, trust_pickle: bool = False):
+    """The checkpoint through the converter's readers: every pickle (rank files, `common.pt`,
+    `.metadata`, the common state) unpickled safely, sizes and storage paths checked
+    (converter/formats/safe_pickle.py); ConversionError naming the file otherwise."""
+    from converter.engine import open_megatron
+
+    return open_megatron(Path(checkpoint), trust_pickle=trust_pickle)
 
 
 def is_torch_dist(checkpoint: str | Path) -> bool:
-    return (_iteration_dir(checkpoint) / "metadata.json").exists()
+    from converter.formats.legacy import find_iteration_dir
+
+    return (find_iteration_dir(Path(checkpoint))[0] / "metadata.json").exists()
 
 
-def read_args(checkpoint: str | Path) -> argparse.Namespace:
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    if is_torch_dist(checkpoint):
-        return torch.load(_iteration_dir(checkpoint) / "common.pt", map_location="cpu", weights_only=True)[
-            "args"
-        ]
-    root = Path(checkpoint)
-    iteration = int((root / "latest_checkpointed_iteration.txt").read_text().strip())
-    rank0 = iteration_dir(root, iteration) / rank_dir_name(0, 0, 1)
-    if not rank0.exists():
-        rank0 = iteration_dir(root, iteration) / rank_dir_name(0, 0, 2)
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    return torch.load(rank0 / "model_optim_rng.pt", map_location="meta", weights_only=True)["args"]
+def read_args(checkpoint: str | Path, trust_pickle: bool = False) -> argparse.Namespace:
+    """The checkpoint's Megatron args, read safely (see open_checkpoint)."""
+    return open_checkpoint(checkpoint, trust_pickle).args
 
 
 def build_rank_model(source: ModelSource, layout: ParallelLayout, dtype: torch.dtype, tile_tag_ids=None):
@@ -77,8 +74,9 @@ def build_rank_model(source: ModelSource, layout: ParallelLayout, dtype: torch.d
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     cpu = not torch.cuda.is_available()
-    if source.checkpoint:
-        args = read_args(source.checkpoint)
+    ckpt = open_checkpoint(source.checkpoint, source.trust_pickle) if source.checkpoint else None
+    if ckpt is not None:
+        args = ckpt.args
         if (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) != (layout.tp, layout.pp):
             raise ValueError(
                 f"{source.checkpoint} was saved at TP={args.tensor_model_parallel_size} "
@@ -99,19 +97,23 @@ def build_rank_model(source: ModelSource, layout: ParallelLayout, dtype: torch.d
         dtype=dtype,
         cpu=cpu,
     )
-    if source.checkpoint and is_torch_dist(source.checkpoint):
+    if ckpt is not None and ckpt.format == "torch_dist":
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(_iteration_dir(source.checkpoint)))
+        # megatron-core unpickles .metadata and the byte objects unsafely: parity-check has checked
+        # every one of them (converter/parity/checkpoint_safety.py) before the ranks started.
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt.iteration_dir))
         for common in ("args", "checkpoint_version", "iteration"):  # common.pt entries come back too
             state.pop(common, None)
         model.load_state_dict(state, strict=True)
-    elif source.checkpoint:
+    elif ckpt is not None:
         state = load_legacy_state(
             source.checkpoint,
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
             pp_rank=pp_rank,
             pp=layout.pp,
+            iteration=ckpt.opened_with["iteration"],
+            trust_pickle=source.trust_pickle,
         )
         if _uses_te(model):
             state = te_names(state)
