@@ -16,6 +16,16 @@ from .parity.checkpoint_safety import open_checked
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+
+# Both commands read a Megatron checkpoint: the same opt-in past the safe loading.
+TRUST_PICKLE = click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle globals outside the allow-list in the Megatron checkpoint (runs code from the "
+    "file: only for checkpoints you trust); without it every pickle is checked before megatron-core "
+    "loads it.",
+)
+
 @click.group(cls=ClearErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nvlm-port")
 def main() -> None:
@@ -80,13 +90,7 @@ def main() -> None:
     "bias adds, GEMM shapes, the TP ranks' partial sums: converter/parity/numerics.py). At TP=1 and 2 "
     "the two sides then agree bit for bit in bf16, so any difference left is a real one.",
 )
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Unpickle globals outside the allow-list in the Megatron checkpoint (runs code from the "
-    "file: only for checkpoints you trust); without it every pickle is checked before megatron-core "
-    "loads it.",
-)
+@TRUST_PICKLE
 @click.option("--max-abs-diff", type=float, help="Override the dtype's tolerance (see README).")
 @click.option("--min-top1", type=float, help="Override the minimum top-1 agreement.")
 @click.option("--max-kl", type=float, help="Override the maximum mean KL(Megatron || HF).")
@@ -236,13 +240,7 @@ def logits(
 @click.option(
     "--report", "report_dir", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True
 )
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Unpickle globals outside the allow-list in the Megatron checkpoint (runs code from the "
-    "file: only for checkpoints you trust); without it every pickle is checked before megatron-core "
-    "loads it.",
-)
+@TRUST_PICKLE
 def bench(
     megatron_dir, hf_dir, data, limit, device, dtype, max_new_tokens, batch_size, report_dir, trust_pickle
 ):
