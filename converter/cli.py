@@ -359,7 +359,11 @@ def reshard(src, dst, tp, pp, fmt, trust_pickle, overwrite):
         _convert_to_hf(
             src, middle, None, True, "source", "4GB", False, None, None, trust_pickle, False, False
         )
-        _write_megatron(middle, dst, tp, pp, fmt or ckpt.format, overwrite, divisible_by, sources=[src])
+        try:
+            _write_megatron(middle, dst, tp, pp, fmt or ckpt.format, overwrite, divisible_by, sources=[src])
+        except ConversionError as exc:  # name the user's checkpoint, not the intermediate folder
+            reason = str(exc).replace(f"{middle / 'config.json'}: ", "").replace(f"{middle}: ", "")
+            raise ConversionError(f"{src}: cannot reshard to TP={tp} PP={pp}: {reason}") from None
 
 
 @main.command()

@@ -581,3 +581,12 @@ def test_config_json_layer_counts_are_checked_against_the_tensors(hf_tiny, tmp_p
     started = time.perf_counter()
     _hf_refused(tmp_path, folder, *needles)
     assert time.perf_counter() - started < 30
+
+
+def test_reshard_to_a_tp_that_does_not_divide_names_the_source(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    code, output = cli("reshard", checkpoints["tp2-pp2"], out, "--tp", "3")
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
+    assert errors[0].startswith(f"error: {checkpoints['tp2-pp2']}: cannot reshard to TP=3 PP=1: "), output
+    assert ".reshard-" not in errors[0] and not out.exists()
