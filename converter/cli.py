@@ -142,7 +142,7 @@ def _convert_to_hf(
                 if (Path(tokenizer) / name).exists() and not (folder / name).exists():
                     shutil.copyfile(Path(tokenizer) / name, folder / name)
         record = source_record(ckpt, dtype)
-        write_card(folder, Path(dst).name, family=family, source=record, tool=tool(), digests=written.digests)
+        write_card(folder, family=family, source=record, tool=tool(), digests=written.digests)
         seal(folder, record, written.digests)
     click.echo(f"wrote {dst}")
 

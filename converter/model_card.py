@@ -32,7 +32,6 @@ def _front_matter(fields: dict) -> str:
 
 
 def card_text(
-    name: str,
     *,
     family,
     source: dict,
@@ -63,10 +62,10 @@ def card_text(
     files = "\n".join(f"| `{file}` | `{digest}` |" for file, digest in sorted(shards.items()))
     return f"""{front}
 
-# {name}
+# {family.card_title}
 
-{family.card_title}, converted from a Megatron-LM checkpoint.
-Every tensor was copied exactly (renamed, re-split, padding dropped; no arithmetic on values).
+Converted from a Megatron-LM checkpoint. Every tensor was copied exactly (renamed, re-split,
+padding dropped; no arithmetic on values).
 
 | | |
 |---|---|
@@ -77,8 +76,8 @@ Every tensor was copied exactly (renamed, re-split, padding dropped; no arithmet
 ```python
 from transformers import {family.auto_class}, AutoTokenizer
 
-model = {family.auto_class}.from_pretrained("{name}"{remote})
-tokenizer = AutoTokenizer.from_pretrained("{name}"{remote})
+model = {family.auto_class}.from_pretrained("path/to/this/folder"{remote})
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{remote})
 ```
 
 ## Integrity
@@ -92,8 +91,9 @@ checks them, and `--against SOURCE` compares every tensor with the Megatron chec
 """
 
 
-def write_card(folder: Path, name: str, *, family, source: dict, tool: dict, digests: dict, **fields) -> None:
-    """README.md into `folder` (the partial folder of a conversion to a DST called `name`)."""
+def write_card(folder: Path, *, family, source: dict, tool: dict, digests: dict, **fields) -> None:
+    """README.md into `folder`. Nothing in it depends on where the folder is written, so the bytes
+    are the same for any DST (and with --workers)."""
     shards = {file: digest.sha256 for file, digest in digests.items() if file.endswith(".safetensors")}
-    text = card_text(name, family=family, source=source, tool=tool, shards=shards, **fields)
+    text = card_text(family=family, source=source, tool=tool, shards=shards, **fields)
     (Path(folder) / CARD).write_text(text)
