@@ -160,20 +160,20 @@ _REMOTE_CHECK = textwrap.dedent(
 def remote_code_logits(folder: Path, pixels, input_ids, workdir: Path):
     """Load `folder` with AutoModel(trust_remote_code=True) in a Python that cannot import
     nvlm-port, run it on the inputs (and chat once), return its logits."""
+    torch.save({"pixels": pixels, "ids": input_ids}, Path(folder) / "inputs.pt")
+    run_without_nvlm_port(_REMOTE_CHECK, folder, workdir)
+    return torch.load(Path(folder) / "remote_logits.pt")
+
+
+def run_without_nvlm_port(script: str, folder: Path, workdir: Path) -> None:
+    """Run `script` (given REPO and FOLDER) in an isolated, offline Python (-I, no PYTHONPATH, its own
+    HF_HOME), as a user of the converted `folder` would who has no nvlm-port installed."""
     import os
     import subprocess
     import sys
 
-    torch.save({"pixels": pixels, "ids": input_ids}, Path(folder) / "inputs.pt")
     env = dict(os.environ, HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    script = f"REPO = {str(REPO)!r}\nFOLDER = {str(folder)!r}\n" + _REMOTE_CHECK
-    run = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    source = f"REPO = {str(REPO)!r}\nFOLDER = {str(folder)!r}\n" + script
+    command = [sys.executable, "-I", "-c", source]
+    run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(Path(folder) / "remote_logits.pt")

@@ -13,16 +13,13 @@ which it writes the extras and copies the tokenizer is the one users get.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE, REPO, TINY_TOKENIZER, cli, make_megatron_checkpoint
+from conftest import REFERENCE, TINY_TOKENIZER, cli, make_megatron_checkpoint, run_without_nvlm_port
 from PIL import Image
 
 from modeling import processing_nvlm_d as P
@@ -420,17 +417,7 @@ _REMOTE = textwrap.dedent(
 def test_processors_load_as_remote_code_without_nvlm_port(folder, processor, tmp_path):
     image = noise_image((170, 90), 9)
     image.save(folder / "probe.png")
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    script = f"REPO = {str(REPO)!r}\nFOLDER = {str(folder)!r}\n" + _REMOTE
-    run = subprocess.run(
-        [sys.executable, "-I", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_without_nvlm_port(_REMOTE, folder, tmp_path)
     remote = torch.load(folder / "remote_processor.pt")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
