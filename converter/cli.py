@@ -82,7 +82,10 @@ def _convert_to_hf(
     family = family_for_args(ckpt.args)
     try:
         config = family.hf_config(
-            ckpt.args, ckpt=ckpt, tokenizer=tokenizer_info(tokenizer), vision_real_heads=vision_real_heads
+            ckpt.args,
+            ckpt=ckpt,
+            tokenizer=tokenizer_info(tokenizer, getattr(family, "image_token", "<|vision_pad|>")),
+            vision_real_heads=vision_real_heads,
         )
         table = family.table(config, getattr(ckpt.args, "make_vocab_size_divisible_by", 128))
         expected = family.expected(config)

@@ -194,6 +194,7 @@ def execute_megatron_to_hf(
                 unit_scale=True,
                 desc="tensors -> safetensors",
                 leave=False,
+                disable=None,  # no bar where stderr is not a terminal (CI logs, pipes)
             ) as bar:
                 stream_steps(ckpt, steps, writer, check_finite, bar.update)
             writer.finish()

@@ -19,6 +19,7 @@ from mappings.nvlm_d import table_for as nvlm_table_for
 from mappings.qwen2 import qwen2_table_for
 from mappings.table import Table
 
+from .family_llava import LLaVA
 from .tokenizer_folder import TokenizerInfo
 
 
@@ -276,7 +277,7 @@ class Qwen2:
         GenerationConfig.from_model_config(config).save_pretrained(folder)
 
 
-FAMILIES = (NVLMD, Qwen2)
+FAMILIES = (LLaVA, NVLMD, Qwen2)  # first match wins: LLaVA's vision_model_type 'clip' before NVLM-D's any
 
 
 def family_for_args(args):
@@ -287,4 +288,6 @@ def family_for_args(args):
 
 
 def family_for_hf_config(config_json: dict):
+    if config_json.get("model_type") == "llava":
+        return LLaVA
     return NVLMD if config_json.get("model_type") == "NVLM_D" else Qwen2

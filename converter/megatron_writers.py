@@ -200,7 +200,8 @@ def write_legacy(folder: Path, args, steps, source, *, iteration: int = 1) -> No
         name = rule.megatron_name(layer)
         stages.setdefault(legacy.stage_of(name, pp, per_stage, args.num_layers), []).append((rule, layer))
     total = sum(_nbytes(megatron_tensor(source.meta, rule, layer, tp)) for rule, layer in steps)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="megatron rank files", leave=False) as bar:
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="megatron rank files", leave=False, disable=None)
+    with bar:
         for p in range(pp):
             members = stages.get(p, [])
             files = _lay_out_stage(folder, args, iteration, p, members, source, per_stage)
@@ -305,7 +306,8 @@ def write_torch_dist(folder: Path, args, steps, source, *, iteration: int = 1) -
     path = Path(folder) / legacy.iteration_name(iteration)
     path.mkdir(parents=True, exist_ok=True)
     total = sum(_nbytes(torch.empty(t.shape, dtype=t.dtype, device="meta")) for t in tensors)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="torch_dist chunks", leave=False) as bar:
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="torch_dist chunks", leave=False, disable=None)
+    with bar:
         latest = _LatestTensor(source, members_of, tp)
 
         def chunk_data(tensor: torch_dist_writer.ChunkedTensor, box) -> torch.Tensor:

@@ -30,8 +30,9 @@ class TokenizerInfo:
     pad_token_id: int | None = None
 
 
-def tokenizer_info(folder: Path | None) -> TokenizerInfo:
-    """Validate a tokenizer folder and read what a conversion needs of it (all None without one)."""
+def tokenizer_info(folder: Path | None, image_token: str = "<|vision_pad|>") -> TokenizerInfo:
+    """Validate a tokenizer folder and read what a conversion needs of it (all None without one);
+    `image_token`: the family's image placeholder."""
     if folder is None:
         return TokenizerInfo()
     folder = Path(folder)
@@ -62,7 +63,7 @@ def tokenizer_info(folder: Path | None) -> TokenizerInfo:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else known("<|endoftext|>")
     return TokenizerInfo(
         size=len(tokenizer),
-        image_token_id=known("<|vision_pad|>"),
+        image_token_id=known(image_token),
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=bos,
         pad_token_id=tokenizer.pad_token_id,

@@ -88,7 +88,7 @@ def _follow(processes, events, total: int, count: int) -> None:
     """Show progress until every worker reports done; raise on a worker's error or death."""
     finished = 0
     desc = f"tensors -> safetensors ({count} workers)"
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=None) as bar:
         while finished < count:
             try:
                 kind, value = events.get(timeout=0.5)

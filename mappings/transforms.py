@@ -263,3 +263,43 @@ class PositionEmbedding(Transform):
 
     def from_hf(self, parts, tp):
         return parts[0].squeeze(0)
+
+
+@dataclass(frozen=True)
+class ClassToken(Transform):
+    """A ViT class token: Megatron's CLIPViTModel parameter [1, 1, C] <-> HF's class_embedding [C]."""
+
+    tp_dim: int | None = None
+    name = "class_token"
+
+    def to_hf(self, whole):
+        if whole.dim() != 3 or tuple(whole.shape[:2]) != (1, 1):
+            raise LayoutError(f"a class token of shape {tuple(whole.shape)}, not [1, 1, C] (one class token)")
+        return [whole.reshape(whole.shape[2])]
+
+    def from_hf(self, parts, tp):
+        return parts[0].reshape(1, 1, -1)
+
+
+@dataclass(frozen=True)
+class WithUnused(Transform):
+    """A replicated Megatron tensor <-> its HF tensor, plus one HF tensor of the same shape that the
+    HF class holds but never reads (CLIP's post_layernorm: LLaVA takes hidden states, not the pooled
+    output), which Megatron does not have. It is written as `fill`; on the way back it must still be
+    `fill` (a LayoutError otherwise: a value there would be lost)."""
+
+    tp_dim: int | None = None
+    fill: float = 0.0
+    name = "with_unused"
+
+    def to_hf(self, whole):
+        return [whole, torch.full_like(whole, self.fill)]
+
+    def from_hf(self, parts, tp):
+        kept, unused = parts
+        if unused.device.type != "meta" and not bool((unused == self.fill).all()):
+            raise LayoutError(
+                f"the tensor paired with it is not {self.fill} everywhere; "
+                "the Megatron model has no place for it"
+            )
+        return kept
