@@ -6,7 +6,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv test demo lint clean tokenizer
+# transformers 4.x beside it (vLLM pins transformers >=4.56,<5 and loads a converted folder's remote
+# code): a folder that tests/test_transformers4.py puts first on sys.path of .venv's Python, so torch,
+# numpy, accelerate, ... are .venv's. --no-deps: only what 4.57 needs in other versions than .venv has
+# (tokenizers <0.23, huggingface_hub <1 and the requests it imports), pinned.
+TF4 := .venv-tf4
+TF4_PACKAGES := transformers==4.57.3 tokenizers==0.22.2 huggingface_hub==0.36.2 requests==2.34.2 \
+	urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3
+
+.PHONY: venv venv-tf4 test demo lint clean tokenizer
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +25,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: $(VENV)/.installed
+$(TF4)/.installed: Makefile $(VENV)/.installed
+	rm -rf $(TF4)
+	$(PY) -m pip install -q --no-deps --target $(TF4) $(TF4_PACKAGES)
+	touch $@
+
+venv-tf4: $(TF4)/.installed
+
+test: $(VENV)/.installed $(TF4)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -32,4 +47,4 @@ tokenizer: $(VENV)/.installed
 	$(PY) scripts/make_tiny_tokenizer.py tests/fixtures/tiny-tokenizer
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TF4) build *.egg-info .pytest_cache .ruff_cache

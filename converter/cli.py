@@ -61,6 +61,7 @@ def _convert_to_hf(
     resume=False,
     workers=1,
     vision_real_heads=None,
+    reference_config=None,
 ):
     from .engine import (
         atomic_folder,
@@ -73,6 +74,12 @@ def _convert_to_hf(
     from .formats.safetensors_stream import assign_shards, parse_size, shard_names
     from .manifest import seal, source_record, tool
     from .model_card import write_card
+    from .reference_config import (
+        apply_reference,
+        generation_defaults,
+        load_reference,
+        write_generation_defaults,
+    )
 
     if tokenizer is None and not no_tokenizer and not dry_run:
         raise click.UsageError("--tokenizer DIR is required (or pass --no-tokenizer)")
@@ -95,6 +102,10 @@ def _convert_to_hf(
             f"{ckpt.iteration_dir}: the checkpoint's args do not describe a {family.name} model "
             f"({type(exc).__name__}: {reason})"
         ) from None
+    reference = None
+    if reference_config is not None:  # before anything is planned or written: a disagreement stops here
+        reference = load_reference(reference_config)
+        config = apply_reference(family, config, reference, ckpt.iteration_dir)
     steps = plan_megatron_to_hf(ckpt, table, expected, _dtype_policy(dtype, family))
     limit = parse_size(max_shard_size)
     planned = [t for s in steps for t in s.targets]
@@ -140,12 +151,15 @@ def _convert_to_hf(
                 by_dtype[target.dtype] += target.nbytes
             config.dtype = by_dtype.most_common(1)[0][0]
         family.write_extras(folder, config)
+        if reference is not None:
+            write_generation_defaults(folder, generation_defaults(family, reference))
         if tokenizer is not None:
             for name in TOKENIZER_FILES:  # what the family wrote (e.g. chat_template.jinja) wins
                 if (Path(tokenizer) / name).exists() and not (folder / name).exists():
                     shutil.copyfile(Path(tokenizer) / name, folder / name)
         record = source_record(ckpt, dtype)
-        write_card(folder, family=family, source=record, tool=tool(), digests=written.digests)
+        card_fields = dict(reference.card, reference_sha256=reference.sha256) if reference else {}
+        write_card(folder, family=family, source=record, tool=tool(), digests=written.digests, **card_fields)
         seal(folder, record, written.digests)
     click.echo(f"wrote {dst}")
 
@@ -206,6 +220,13 @@ def _convert_to_hf(
     help="Real (non-padding) ViT attention heads, where the checkpoint cannot tell: args of "
     "Megatron-LM's examples/multimodal do not store them, and --vision-model-type internvit means 25.",
 )
+@click.option(
+    "--reference-config",
+    type=click.Path(path_type=Path),
+    help="The release's config.json (or its folder): copy the fields no Megatron checkpoint carries "
+    "(rope_scaling, processing settings, generation defaults; license and base model from its "
+    "model card) after checking that every size it states agrees with the checkpoint.",
+)
 def megatron_to_hf(
     src,
     dst,
@@ -222,6 +243,7 @@ def megatron_to_hf(
     resume,
     workers,
     vision_real_heads,
+    reference_config,
 ):
     """Convert a Megatron checkpoint SRC (legacy or torch_dist, any TP/PP/VP) to a Hugging Face folder DST.
 
@@ -245,6 +267,7 @@ def megatron_to_hf(
         resume,
         workers=workers,
         vision_real_heads=vision_real_heads,
+        reference_config=reference_config,
     )
 
 

@@ -20,6 +20,7 @@ from mappings.qwen2 import qwen2_table_for
 from mappings.table import Table
 
 from .family_llava import LLaVA
+from .reference_config import NVLM_D_FIELDS, QWEN2_FIELDS
 from .tokenizer_folder import TokenizerInfo
 
 
@@ -75,6 +76,7 @@ class NVLMD:
     pipeline_tag = "image-text-to-text"
     auto_class = "AutoModel"
     card_tags = ("custom_code",)  # loads with trust_remote_code=True (the files beside the weights)
+    reference_fields = NVLM_D_FIELDS  # --reference-config: what agrees, what is copied
 
     @staticmethod
     def detect(args) -> bool:
@@ -188,6 +190,7 @@ class Qwen2:
     pipeline_tag = "text-generation"
     auto_class = "AutoModelForCausalLM"
     card_tags = ()
+    reference_fields = QWEN2_FIELDS
 
     @staticmethod
     def detect(args) -> bool:

@@ -76,3 +76,17 @@ def read_manifest(folder: Path) -> dict | None:
     ):
         raise ValueError(f"{path}: no valid 'files' table")
     return manifest
+
+
+def reseal(folder: Path, name: str, by: str) -> None:
+    """Record the new sha256 and size of one file that a tool of ours changed after the conversion
+    (`parity-check --card` appending its figures to README.md), marked with `resealed_by`; every
+    other entry stays as the conversion wrote it. The caller checks the file against its old entry
+    first: a file changed by anyone else must not be sealed over."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["files"][name] = {**digest_of(folder / name).to_json(), "resealed_by": by}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    partial.replace(path)

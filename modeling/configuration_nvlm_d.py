@@ -1,7 +1,10 @@
 """Configuration of NVLM-D: InternViT vision tower + MLP projector + Qwen2 language model.
 
 This file is copied verbatim next to converted weights as "remote code" (see `auto_map` in
-config.json), so it imports only transformers and the standard library.
+config.json), so it imports only transformers and the standard library, and it runs on
+transformers 4.56+ (what vLLM pins) as on 5.x: the classes take their fields in a plain
+`__init__`, which both generations accept from remote code (5.x wraps configs as dataclasses
+but keeps a subclass's own `__init__`).
 
 The published `nvidia/NVLM-D-72B` config.json loads unchanged:
 - `llm_config.model_type` says "llama" while `architectures` says Qwen2ForCausalLM: the language
@@ -58,6 +61,11 @@ def restore_legacy_keys(written: dict[str, Any], source: dict[str, Any] | None) 
         rope_type = rope.pop("rope_type", rope.get("type", "default"))
         rope.pop("type", None)
         written["rope_scaling"] = None if rope_type == "default" else {**rope, "type": rope_type}
+    # transformers 4.x adds `rope_type` beside the loaded `type`: write the file as it was.
+    scaling, loaded = written.get("rope_scaling"), source.get("rope_scaling")
+    added = isinstance(loaded, dict) and "rope_type" not in loaded and isinstance(scaling, dict)
+    if added and scaling.get("rope_type") == scaling.get("type"):
+        written["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_type"}
     return written
 
 
@@ -66,34 +74,55 @@ class InternVisionConfig(PretrainedConfig):
 
     model_type = "intern_vit_6b"
 
-    num_channels: int = 3
-    patch_size: int = 14
-    image_size: int = 448
-    qkv_bias: bool = False
-    hidden_size: int = 3200
-    num_attention_heads: int = 25  # real heads; head_dim = hidden_size // num_attention_heads
-    num_dummy_heads: int = 7  # zero heads appended so that TP=8 divides the head count
-    intermediate_size: int = 12800
-    qk_normalization: bool = True
-    num_hidden_layers: int = 45
-    use_flash_attn: bool = True  # kept for compatibility; attention follows _attn_implementation
-    hidden_act: str = "gelu"  # exact (erf) GELU
-    norm_type: str = "rms_norm"
-    layer_norm_eps: float = 1e-6
-    dropout: float = 0.0
-    drop_path_rate: float = 0.0
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
-    initializer_factor: float = 0.1  # initial layer-scale value
-
-    def __post_init__(self, **kwargs):
-        self._legacy_source = {k: kwargs[k] for k in ("torch_dtype",) if k in kwargs}
-        super().__post_init__(**kwargs)
-        if self.hidden_size % self.num_attention_heads:
+    def __init__(
+        self,
+        num_channels: int = 3,
+        patch_size: int = 14,
+        image_size: int = 448,
+        qkv_bias: bool = False,
+        hidden_size: int = 3200,
+        num_attention_heads: int = 25,  # real heads; head_dim = hidden_size // num_attention_heads
+        num_dummy_heads: int = 7,  # zero heads appended so that TP=8 divides the head count
+        intermediate_size: int = 12800,
+        qk_normalization: bool = True,
+        num_hidden_layers: int = 45,
+        use_flash_attn: bool = True,  # kept for compatibility; attention follows _attn_implementation
+        hidden_act: str = "gelu",  # exact (erf) GELU
+        norm_type: str = "rms_norm",
+        layer_norm_eps: float = 1e-6,
+        dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        initializer_factor: float = 0.1,  # initial layer-scale value
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads:
             raise ValueError(
-                f"vision hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}"
+                f"vision hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                f"{num_attention_heads}"
             )
+        self.num_channels = num_channels
+        self.patch_size = patch_size
+        self.image_size = image_size
+        self.qkv_bias = qkv_bias
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_dummy_heads = num_dummy_heads
+        self.intermediate_size = intermediate_size
+        self.qk_normalization = qk_normalization
+        self.num_hidden_layers = num_hidden_layers
+        self.use_flash_attn = use_flash_attn
+        self.hidden_act = hidden_act
+        self.norm_type = norm_type
+        self.layer_norm_eps = layer_norm_eps
+        self.dropout = dropout
+        self.drop_path_rate = drop_path_rate
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+        self._legacy_source = {k: kwargs[k] for k in ("torch_dtype",) if k in kwargs}
+        super().__init__(**kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -117,46 +146,62 @@ class NVLM_D_Config(PretrainedConfig):
     """NVLM-D: vision tower, pixel shuffle, `mlp1` projector and a Qwen2 language model."""
 
     model_type = "NVLM_D"
-    # The sub-configs are built in __post_init__ (works on every transformers 5.x); this map tells
-    # transformers which attributes are sub-configs (attention implementation, serialisation).
+    # Tells transformers which attributes are sub-configs (attention implementation, serialisation).
     sub_configs = {"vision_config": InternVisionConfig, "llm_config": Qwen2Config}
 
-    vision_config: dict | PretrainedConfig | None = None
-    llm_config: dict | PretrainedConfig | None = None
-    use_backbone_lora: int = 0
-    use_llm_lora: int = 0
-    select_layer: int = -1  # ViT layer whose output feeds the projector
-    force_image_size: int | None = 448
-    downsample_ratio: float = 0.5  # pixel shuffle: 2x2 patches -> one token of 4x the width
-    template: str = "chatml"
-    dynamic_image_size: bool = True
-    use_thumbnail: bool = True
-    ps_version: str = "v2"
-    min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 6
-    projector_layer_norm_eps: float = 1e-5  # release: PyTorch default; Megatron trains with 1e-6
-    img_context_token_id: int | None = None  # id of <|vision_pad|>; chat() sets it from the tokenizer
-
-    def __post_init__(self, **kwargs):
-        self._legacy_source = {k: kwargs[k] for k in ("torch_dtype",) if k in kwargs}
+    def __init__(
+        self,
+        vision_config: dict | PretrainedConfig | None = None,
+        llm_config: dict | PretrainedConfig | None = None,
+        use_backbone_lora: int = 0,
+        use_llm_lora: int = 0,
+        select_layer: int = -1,  # ViT layer whose output feeds the projector
+        force_image_size: int | None = 448,
+        downsample_ratio: float = 0.5,  # pixel shuffle: 2x2 patches -> one token of 4x the width
+        template: str = "chatml",
+        dynamic_image_size: bool = True,
+        use_thumbnail: bool = True,
+        ps_version: str = "v2",
+        min_dynamic_patch: int = 1,
+        max_dynamic_patch: int = 6,
+        projector_layer_norm_eps: float = 1e-5,  # release: PyTorch default; Megatron trains with 1e-6
+        img_context_token_id: int | None = None,  # id of <|vision_pad|>; chat() sets it from the tokenizer
+        **kwargs,
+    ):
+        # The sub-configs exist before the base class initialises, which hands the attention
+        # implementation down to them.
+        if vision_config is None or isinstance(vision_config, dict):
+            vision_config = InternVisionConfig(**(vision_config or {}))
         self._llm_source = None
-        if self.vision_config is None or isinstance(self.vision_config, dict):
-            self.vision_config = InternVisionConfig(**(self.vision_config or {}))
-        if self.llm_config is None:
-            self.llm_config = {}
-        if isinstance(self.llm_config, dict):
+        if llm_config is None or isinstance(llm_config, dict):
             # transformers edits the dict it is given (rope standardisation): work on a copy.
-            self.llm_config = copy.deepcopy(self.llm_config)
-            self._llm_source = copy.deepcopy(self.llm_config)
-            architectures = self.llm_config.get("architectures") or ["Qwen2ForCausalLM"]
+            llm_config = copy.deepcopy(llm_config or {})
+            self._llm_source = copy.deepcopy(llm_config)
+            architectures = llm_config.get("architectures") or ["Qwen2ForCausalLM"]
             if architectures[0] not in SUPPORTED_LLM_ARCHITECTURES:
                 raise ValueError(
                     f"llm_config.architectures[0] is {architectures[0]!r}; NVLM-D supports "
                     f"{', '.join(SUPPORTED_LLM_ARCHITECTURES)}"
                 )
-            self.llm_config = Qwen2Config(**self.llm_config)
+            llm_config = Qwen2Config(**llm_config)
+        self.vision_config = vision_config
+        self.llm_config = llm_config
+        self.use_backbone_lora = use_backbone_lora
+        self.use_llm_lora = use_llm_lora
+        self.select_layer = select_layer
+        self.force_image_size = force_image_size
+        self.downsample_ratio = downsample_ratio
+        self.template = template
+        self.dynamic_image_size = dynamic_image_size
+        self.use_thumbnail = use_thumbnail
+        self.ps_version = ps_version
+        self.min_dynamic_patch = min_dynamic_patch
+        self.max_dynamic_patch = max_dynamic_patch
+        self.projector_layer_norm_eps = projector_layer_norm_eps
+        self.img_context_token_id = img_context_token_id
+        self._legacy_source = {k: kwargs[k] for k in ("torch_dtype",) if k in kwargs}
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        super().__post_init__(**kwargs)
+        super().__init__(**kwargs)
 
     @property
     def image_size(self) -> int:

@@ -6,7 +6,8 @@ release, and `forward`, `chat` and `generate` keep its signatures, so code writt
 release runs unchanged. Differences from the release, all deliberate:
 - attention goes through `scaled_dot_product_attention` by default in both towers;
   `attn_implementation="eager"` gives the plain formulas;
-- `generate()` works on transformers 5, and nothing assumes CUDA (inputs follow the weights);
+- `generate()` works on transformers 4.56+ and 5.x, and nothing assumes CUDA: inputs go where
+  each module computes (its weights, or accelerate's hook when they are offloaded);
 - `batch_chat()` answers several questions in one padded batch;
 - the projector LayerNorm eps is read from the config (Megatron trains with 1e-6).
 """
@@ -43,6 +44,20 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v2
     if version != "v1":
         x = x.permute(0, 2, 1, 3)
     return x.contiguous()
+
+
+def execution_device(model: nn.Module, name: str) -> torch.device:
+    """Where submodule `name` of `model` computes: its weights' device, or under accelerate's
+    offloading (weights on "meta", brought in by a hook at each call) the device of its hook, or
+    of the nearest ancestor's."""
+    module, device = model, None
+    for part in ["", *name.split(".")]:
+        module = getattr(module, part) if part else module
+        hook = getattr(module, "_hf_hook", None)
+        for each in getattr(hook, "hooks", (hook,)):  # accelerate's SequentialHook holds several
+            if getattr(each, "execution_device", None) is not None:
+                device = each.execution_device
+    return next(module.parameters()).device if device is None else torch.device(device)
 
 
 class NVLM_D_Model(PreTrainedModel):
@@ -123,7 +138,11 @@ class NVLM_D_Model(PreTrainedModel):
     # -- embedding the prompt -------------------------------------------------------------------
 
     def _input_device(self) -> torch.device:
-        return self.language_model.get_input_embeddings().weight.device
+        return execution_device(self, "language_model." + self._embedding_name())
+
+    def _embedding_name(self) -> str:
+        embedding = self.language_model.get_input_embeddings()
+        return next(n for n, m in self.language_model.named_modules() if m is embedding)
 
     def embed_inputs(
         self,
@@ -151,14 +170,14 @@ class NVLM_D_Model(PreTrainedModel):
             expected = tiles * self.num_image_token
         self._check_placeholders(found, expected)
         if visual_features is not None:
-            vit_embeds = self.mlp1(visual_features.to(self.mlp1[0].weight.device))
+            vit_embeds = self.mlp1(visual_features.to(execution_device(self, "mlp1.0")))
         else:
             vit_embeds = self.extract_feature(pixel_values)
         if image_flags is not None:
             vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
         vit_embeds = vit_embeds.reshape(-1, embeds.shape[-1]).to(embeds.device, embeds.dtype)
         self._check_placeholders(found, vit_embeds.shape[0])  # shapes only (tiles of another size)
-        return embeds.masked_scatter(selected.unsqueeze(-1), vit_embeds)
+        return embeds.masked_scatter(selected.unsqueeze(-1).to(embeds.device), vit_embeds)
 
     def _check_placeholders(self, found: int, embeddings: int) -> None:
         if found != embeddings:
@@ -219,7 +238,7 @@ class NVLM_D_Model(PreTrainedModel):
         device = self._input_device()
         input_ids = input_ids.to(device)
         if pixel_values is not None:
-            pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.device)
+            pixel_values = pixel_values.to(execution_device(self, "vision_model.embeddings.patch_embedding"))
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, visual_features=visual_features)
@@ -235,7 +254,10 @@ class NVLM_D_Model(PreTrainedModel):
         if generation_config is None:  # a GenerationConfig carries its own use_cache
             generate_kwargs.setdefault("use_cache", True)
         # transformers computes the logits of the last position only (logits_to_keep=1) at prefill.
+        # The prompt is the embeddings; the empty ids are those transformers would make, on their
+        # device (transformers 4.x puts them on the first weight's, "meta" when accelerate offloads).
         return self.language_model.generate(
+            input_ids=input_ids[:, :0],
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             **extra,

@@ -18,6 +18,7 @@ reports (report.json / report.md) and the per-layer error plot.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,32 @@ CHECKPOINT = FIXTURES / "nvlm-d-small-trained" / "megatron-tp2"
 BENCH = FIXTURES / "synthetic-bench" / "bench.jsonl"
 TOKENIZER = FIXTURES / "tiny-tokenizer"
 
+# What megatron-core says on import and setup about accelerators this CPU demo does not use (Apex,
+# Transformer Engine, CUDA_DEVICE_MAX_CONNECTIONS, CUDA graphs) and a deprecated torch.distributed
+# call of its tensor-parallel gather: one copy per rank, dozens of lines that hide the demo's own
+# output. Silenced here, for the demo's own CLI steps only (their PYTHONWARNINGS): the CLIs, the
+# tests and any other use of megatron-core keep every warning.
+QUIET_WARNINGS = (
+    ("Apex is not installed", "UserWarning"),
+    ("Transformer Engine and Apex are not installed", "UserWarning"),
+    ("full scope is deprecated", "UserWarning"),
+    ("When using async grad allreduce", "UserWarning"),
+    ("`torch.distributed.all_gather_into_tensor` is deprecated", "FutureWarning"),
+)
+
+
+def _quiet_env() -> dict:
+    """The environment of a CLI step: the user's, plus the filters above in PYTHONWARNINGS."""
+    filters = [f"ignore:{message}:{category}" for message, category in QUIET_WARNINGS]
+    mine = os.environ.get("PYTHONWARNINGS")
+    return {**os.environ, "PYTHONWARNINGS": ",".join([*filters, *([mine] if mine else [])])}
+
 
 def _run(title: str, *arguments: str) -> None:
     """A CLI step as a subprocess: its output (and tqdm bars) go straight to the terminal."""
     click.secho(f"\n{title}\n$ {' '.join(arguments)}", bold=True)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", *arguments], cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", *arguments], cwd=REPO, env=_quiet_env())
     if done.returncode:
         raise click.ClickException(f"{title}: exit status {done.returncode}")
     click.echo(f"({time.perf_counter() - started:.0f} s)")
