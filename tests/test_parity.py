@@ -57,7 +57,10 @@ def test_logits_parity_tp2_fp32(checkpoints, tp2_hf, tmp_path):
 
 
 def test_outside_tolerance_exits_1(checkpoints, tp2_hf, tmp_path):
-    """A tolerance no float computation meets: the run reports it and exits 1."""
+    """A tolerance no float computation meets: the run reports it and exits 1; the JUnit failure
+    names the metric, the threshold and where the threshold came from."""
+    import xml.etree.ElementTree as ET
+
     code, output = _parity(
         "--megatron",
         checkpoints["tp2-dist"],
@@ -71,9 +74,16 @@ def test_outside_tolerance_exits_1(checkpoints, tp2_hf, tmp_path):
         0,
         "--cases",
         _one_case(tmp_path),
+        "--junit",
+        tmp_path / "junit.xml",
     )
     assert code == 1, output
     assert "OUTSIDE tolerance" in output
+    assert "hello: max_abs_diff: max |ours - Megatron| = " in output and "[--max-abs-diff]: FAILED" in output
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("1", "1")
+    message = suite.find("testcase").find("failure").get("message")
+    assert "must be <= 0 [--max-abs-diff]" in message and "max_kl" not in message
 
 
 def _one_case(tmp_path):
@@ -83,8 +93,15 @@ def _one_case(tmp_path):
 
 
 def test_bench_scores_both_codebases_alike(checkpoints, tp2_hf, tmp_path):
-    """Seeded random weights answer noise, identically on both sides: every delta is 0.0."""
+    """Seeded random weights answer noise, identically on both sides: every delta is 0.0. The JUnit
+    has one test case per family; the card gets the table and its manifest entry is re-sealed."""
+    import shutil
+    import xml.etree.ElementTree as ET
+
     from converter.parity.cases import draw_picture
+
+    card_folder = tmp_path / "card"
+    shutil.copytree(tp2_hf, card_folder)
 
     (tmp_path / "images").mkdir()
     items = []
@@ -132,6 +149,10 @@ def test_bench_scores_both_codebases_alike(checkpoints, tp2_hf, tmp_path):
             str(tmp_path / "r"),
             "--max-new-tokens",
             "6",
+            "--junit",
+            str(tmp_path / "junit.xml"),
+            "--card",
+            str(card_folder),
         ],
         catch_exceptions=False,
     )
@@ -143,6 +164,14 @@ def test_bench_scores_both_codebases_alike(checkpoints, tp2_hf, tmp_path):
         assert entry["delta"] == 0.0 and 0 <= entry["megatron"] <= 100
     assert all(item["same_answer"] for item in report["items"])
     assert (
-        "| benchmark | metric | n | majority baseline | Megatron | HF | delta |"
+        "| benchmark | metric | n | majority baseline | Megatron | HF | delta | Megatron fp32 | ok |"
         in (tmp_path / "r" / "report.md").read_text()
     )
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("5", "0")
+    assert sorted(t.get("name") for t in suite.findall("testcase")) == sorted(report["benchmarks"])
+    card = (card_folder / "README.md").read_text()
+    assert "### `parity-check bench`, fp32, Megatron at TP=2 PP=1, `bench.jsonl`" in card
+    assert card.count("| pass |") == 5
+    code, output = cli("verify", card_folder)
+    assert code == 0, output

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..errors import ConversionError
 from .cases import Case
+from .judge import describe
 from .scoring import METRICS, score
 
 
@@ -130,15 +131,21 @@ def markdown(report: dict) -> str:
         "",
         f"{report['dtype']} on {report['device']}, greedy, up to {report['max_new_tokens']} new tokens",
         "",
-        "| benchmark | metric | n | majority baseline | Megatron | HF | delta |",
-        "|---|---|---|---|---|---|---|",
+        "| benchmark | metric | n | majority baseline | Megatron | HF | delta | Megatron fp32 | ok |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["benchmarks"].items():
+        reference = entry.get("megatron_fp32")
         lines.append(
             f"| {name} | {entry['metric']} | {entry['n']} | {entry['majority']:.1f} "
             f"| {entry['megatron']:.1f} | "
-            f"{entry['hf']:.1f} | {entry['delta']:+.1f} |"
+            f"{entry['hf']:.1f} | {entry['delta']:+.1f} | "
+            f"{'-' if reference is None else f'{reference:.1f}'} | "
+            f"{'yes' if entry.get('ok', True) else 'NO'} |"
         )
+    checks = [(name, c) for name, entry in report["benchmarks"].items() for c in entry.get("checks", [])]
+    if checks:
+        lines += ["", "Checks:", "", *(f"- {name}: {describe(check)}" for name, check in checks)]
     differing = [item for item in report["items"] if not item["same_answer"]]
     lines += ["", f"Items whose answers differ between the codebases: {len(differing)}", ""]
     if differing:
@@ -149,3 +156,15 @@ def markdown(report: dict) -> str:
                 f"{item['megatron_score']:.2f} / {item['hf_score']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def add_reference(report: dict, items: list[Item], reference_answers: list[str]) -> None:
+    """Megatron's float32 answers (the reference of a bf16 run) beside each item, and each family's
+    float32 score as `megatron_fp32`."""
+    totals: dict[str, float] = {}
+    for item, row, answer in zip(items, report["items"], reference_answers):
+        row["megatron_fp32"] = answer
+        row["megatron_fp32_score"] = score(item.metric, answer, item.answers, item.options)
+        totals[item.benchmark] = totals.get(item.benchmark, 0.0) + row["megatron_fp32_score"]
+    for name, entry in report["benchmarks"].items():
+        entry["megatron_fp32"] = 100 * totals[name] / entry["n"]

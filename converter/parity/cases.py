@@ -113,7 +113,9 @@ def prepare(cases: list[Case], tokenizer, config) -> list[Case]:
 def megatron_prompt_ids(case: Case, tokenizer, config, system: str = "Answer the questions.") -> list[int]:
     """The ids Megatron-LM's NVLM prompt construction yields for the same turn: chatml with a newline
     after every <|im_end|> (qwen2p0 template), text pieces tokenized apart around the image, the tile
-    tags tokenized separately (5 ids each) and one placeholder per image embedding."""
+    tags tokenized separately (5 ids each) and one placeholder per image embedding. Equal to the ids
+    NVIDIA's own path gives (Megatron-LM NVLM-1.0 and core_r0.19.0, text-only prompts included;
+    tests/test_megatron_lm_parity.py checks it against the recorded ones)."""
     turns = [f"<|im_start|>system\n{system}<|im_end|>\n"]
     for question, answer in case.history:
         turns.append(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n")

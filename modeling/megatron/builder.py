@@ -1,4 +1,5 @@
-"""Turn an NVLM_D_Config into megatron-core 0.16's LLaVAModel, configured as NVLM-D.
+"""Turn an NVLM_D_Config into megatron-core's LLaVAModel, configured as NVLM-D (run with 0.16.1,
+the pin, and 0.19.x, current Megatron-LM: README, "megatron-core versions run").
 
 - language model: GPTModel with Qwen2 layers (GQA with QKV bias, SwiGLU, RMSNorm, RoPE, untied
   embeddings); Megatron-Core's local spec by default, the Transformer Engine spec when TE is

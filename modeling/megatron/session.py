@@ -82,7 +82,11 @@ def build_rank_model(source: ModelSource, layout: ParallelLayout, dtype: torch.d
                 f"{source.checkpoint} was saved at TP={args.tensor_model_parallel_size} "
                 f"PP={args.pipeline_model_parallel_size}; run it with that layout"
             )
-        config, vocab, padded = config_from_args(args), args.vocab_size, args.padded_vocab_size
+        from converter.families import CheckpointTensors
+
+        # sizes from the tensors, as the converter takes them: NVLM-1.0's args hold no ViT size
+        config = config_from_args(args, tensors=CheckpointTensors(ckpt))
+        vocab, padded = args.vocab_size, args.padded_vocab_size
     else:
         config = get_config(source.preset, **source.overrides)
         vocab = tokenizer_size(source.preset)
