@@ -160,8 +160,9 @@ def test_resume_refuses_a_partial_folder_of_another_user(checkpoints, tmp_path, 
     assert (partial / "theirs.safetensors").read_text() == "someone else's"
 
 
-# hf-to-megatron / megatron-to-hf in a child process that writes slowly, so that the test can
-# signal it while the partial folder exists.
+# hf-to-megatron / megatron-to-hf in a child process that pauses after each write, so that the
+# test can signal it while the partial folder holds a file (on a loaded machine too: the pause is
+# long, and the signal ends it, so it costs no time).
 _SLOW = """
 import sys, time
 from converter.formats import safetensors_stream, torch_zip
@@ -169,8 +170,9 @@ from converter.formats import safetensors_stream, torch_zip
 for cls, method in ((torch_zip.StreamedTorchSave, "write"), (safetensors_stream.ShardedWriter, "write")):
     original = getattr(cls, method)
     def slow(self, *args, _original=original):
-        time.sleep(0.05)
-        return _original(self, *args)
+        result = _original(self, *args)
+        time.sleep(2.0)
+        return result
     setattr(cls, method, slow)
 
 from converter.cli import main
