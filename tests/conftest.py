@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -65,25 +67,50 @@ def tiny_inputs(tokenizer):
     return [{"input_ids": text, "pixel_values": None}, {"input_ids": image, "pixel_values": pixels}]
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test run, even under pytest-xdist (`make test` runs 2 workers):
+    the first worker to ask builds into a folder all workers share (the parent of their base temp
+    folders), behind a file lock; the others wait and reuse it. The folder is marked complete only
+    after `build` returns, so a worker never sees half a checkpoint."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = shared / f"shared-{name}", shared / f"shared-{name}.done"
+    with FileLock(str(shared / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Seeded tiny Megatron checkpoints (one seed: the same model) in several layouts and formats."""
-    root = tmp_path_factory.mktemp("megatron")
-    made = {}
-    for name, args in {
+    layouts = {
         "tp2-pp2": ("--tp", "2", "--pp", "2"),
         "tp1-te": ("--spec", "te"),
         "tp2-dist": ("--tp", "2", "--format", "torch_dist"),
-    }.items():
-        made[name] = make_megatron_checkpoint(root / name, "--preset", "tiny", *args)
-    return made
+    }
+
+    def build(root: Path) -> None:
+        for name, args in layouts.items():
+            make_megatron_checkpoint(root / name, "--preset", "tiny", *args)
+
+    root = built_once(tmp_path_factory, "megatron", build)
+    return {name: root / name for name in layouts}
 
 
 @pytest.fixture(scope="session")
 def shapes_only_72b(tmp_path_factory):
     """The full nvlm-d-72b at TP=8, shapes and dtypes only (legacy format)."""
-    out = tmp_path_factory.mktemp("72b") / "tp8"
-    return make_megatron_checkpoint(out, "--preset", "nvlm-d-72b", "--tp", "8", "--shapes-only")
+
+    def build(root: Path) -> None:
+        make_megatron_checkpoint(root / "tp8", "--preset", "nvlm-d-72b", "--tp", "8", "--shapes-only")
+
+    return built_once(tmp_path_factory, "72b", build) / "tp8"
 
 
 def cli(*args: str):
@@ -177,3 +204,26 @@ def run_without_nvlm_port(script: str, folder: Path, workdir: Path) -> None:
     command = [sys.executable, "-I", "-c", source]
     run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+# Under `make test` (pytest-xdist, whole files per worker) the files that take longest start first,
+# so that neither worker is left alone with one of them at the end; the order inside a file is kept.
+LONGEST_FIRST = (
+    "test_trained_checkpoint.py",
+    "test_megatron_side.py",
+    "test_conversion.py",
+    "test_megatron_lm_parity.py",
+    "test_numerics.py",
+    "test_parity.py",
+    "test_parity_ci.py",
+    "test_refusals.py",
+    "test_qwen2_family.py",
+    "test_atomic_output.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

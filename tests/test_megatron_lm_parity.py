@@ -30,8 +30,10 @@ ATOL = 1e-5  # max |ours - NVIDIA's| on logits and layer outputs, fp32 (measured
 SUM_ATOL = 1e-3  # the sum of 1000 logits, each within 1e-5
 NORM_RTOL = 1e-6
 # Our builder at TP=8 is 8 gloo processes (their start-up is most of the time): on CI's 2 cores it
-# checks two cases (the HF class all five), 7 tiles and a two-turn one, with a short continuation.
-BUILDER_CASES = ("7-tile image", "two-turn")
+# checks one case (the HF class all five): the two-turn one (an image of 2 tiles + thumbnail after a
+# turn), with a short continuation. The 7-tile case: the class test here, NVIDIA's model on the GPU
+# (docs/results/parity/megatron-lm, TP=1).
+BUILDER_CASES = ("two-turn",)
 BUILDER_STEPS = 8
 
 sys.path.insert(0, str(REPO / "scripts" / "fixtures"))

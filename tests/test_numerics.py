@@ -25,6 +25,31 @@ def _bf16_pair(root, tp: str):
 
 
 @pytest.fixture(scope="module")
+def compact_cases(tmp_path_factory):
+    """Short text, a 3-tile image and a two-turn image conversation: every path the default cases
+    take (text, tiles + thumbnail, history), without their 1k-token text and 7 tiles, which make a
+    bf16 run on two CPU cores several times slower and test nothing more here."""
+    from converter.parity.cases import draw_picture
+    from modeling import get_config
+
+    root, size = tmp_path_factory.mktemp("numerics-cases"), get_config("tiny").image_size
+    draw_picture(2 * size, size, 1).save(root / "wide.png")
+    draw_picture(size, size, 3).save(root / "square.png")
+    cases = [
+        {"name": "short text", "question": "Describe a sunny day in one sentence."},
+        {"name": "3-tile image", "question": "What is shown in the image?", "image": "wide.png"},
+        {
+            "name": "two-turn",
+            "question": "And what colour is the background?",
+            "image": "square.png",
+            "history": [["<image>\nWhat shapes are there?", "Rectangles and circles."]],
+        },
+    ]
+    (root / "cases.json").write_text(json.dumps(cases))
+    return root / "cases.json"
+
+
+@pytest.fixture(scope="module")
 def tp1_bf16(tmp_path_factory):
     return _bf16_pair(tmp_path_factory.mktemp("numerics-tp1"), "1")
 
@@ -36,7 +61,7 @@ def tp2_bf16(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", ["tp1_bf16", "tp2_bf16"])
-def test_aligned_numerics_give_bit_identical_bf16_logits(pair, request, tmp_path):
+def test_aligned_numerics_give_bit_identical_bf16_logits(pair, request, compact_cases, tmp_path):
     """At TP=2 too: Megatron's per-rank partial sums are emulated (tp_reductions)."""
     from click.testing import CliRunner
 
@@ -44,6 +69,7 @@ def test_aligned_numerics_give_bit_identical_bf16_logits(pair, request, tmp_path
 
     megatron, hf = request.getfixturevalue(pair)
     args = ["logits", "--megatron", megatron, "--hf", hf, "--dtype", "bf16", "--generate", "4"]
+    args += ["--cases", compact_cases]
     result = CliRunner().invoke(
         main, [str(a) for a in args + ["--hf-numerics", "megatron", "--report", tmp_path / "r"]]
     )
@@ -96,7 +122,7 @@ def test_the_patches_come_off(tp1_bf16):
 
 
 @pytest.mark.slow
-def test_ablation_script_attributes_the_difference(tp1_bf16, tmp_path):
+def test_ablation_script_attributes_the_difference(tp1_bf16, compact_cases, tmp_path):
     megatron, hf = tp1_bf16
     run = subprocess.run(
         [
@@ -107,7 +133,7 @@ def test_ablation_script_attributes_the_difference(tp1_bf16, tmp_path):
             "--hf",
             str(hf),
         ]
-        + ["--device", "cpu", "--out", str(tmp_path / "a")],
+        + ["--device", "cpu", "--cases", str(compact_cases), "--out", str(tmp_path / "a")],
         capture_output=True,
         text=True,
         timeout=600,
