@@ -3,8 +3,9 @@
 Planning reads names, shapes and dtypes only (meta tensors run through the same transforms), and
 checks the accounting before any data moves: every source tensor is used by exactly one row or
 ignored on purpose, every target tensor is produced exactly once with the shape the model class
-expects. Execution then streams tensor by tensor: read (merging TP shards), transform, cast,
-write. Nothing holds more than a few tensors at a time.
+expects. Execution then streams tensor by tensor (converter/streaming.py): read (merging TP shards),
+transform, cast, write; with --workers N in N processes (converter/workers.py). Nothing holds more
+than a few tensors at a time. Checkpoints are opened by converter/formats/reader.py.
 """
 
 from __future__ import annotations
@@ -33,19 +34,13 @@ from mappings.table import Rule, Table
 from mappings.transforms import LayoutError
 
 from .errors import ConversionError
-from .formats import legacy, shard_progress
+from .families import PIPELINED_STACKS
+from .formats import shard_progress
 from .formats.checksums import FileDigest
+from .formats.reader import open_checkpoint
 from .formats.safetensors_stream import PlannedTensor, ShardedWriter, ShardLayout
-
-
-@dataclass
-class Step:
-    """One row applied to one tensor: Megatron `source` <-> HF `targets`."""
-
-    rule: Rule
-    layer: str
-    source: str
-    targets: list[PlannedTensor]
+from .streaming import Step, stream_steps, where
+from .workers import write_in_workers
 
 
 def _match(table: Table, name: str) -> tuple[Rule, str] | None:
@@ -130,15 +125,6 @@ def plan_megatron_to_hf(
     return steps
 
 
-def where(ckpt, name: str) -> str:
-    """The file(s) a source tensor lives in, for an error message."""
-    files = ckpt.files_of(name)
-    if not files:
-        return str(ckpt.iteration_dir)
-    more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
-    return f"{files[0]}{more}"
-
-
 def resume_fingerprint(ckpt, planned: list[PlannedTensor], max_shard_size: int, check_finite: bool) -> str:
     """What a finished shard depends on: the source files (path, size, mtime), the plan and the
     options. A rerun reuses only shards recorded under its own fingerprint."""
@@ -180,8 +166,6 @@ def execute_megatron_to_hf(
         _remove_all_but(Path(folder), {layout.names[i] for i in reused} | {shard_progress.PROGRESS})
     pending = set(range(len(layout.names))) - set(reused)
     if workers > 1 and len(pending) > 1:
-        from .workers import write_in_workers
-
         write_in_workers(
             ckpt, steps, folder, layout, pending, max_shard_size, check_finite, fingerprint, workers
         )
@@ -204,29 +188,6 @@ def execute_megatron_to_hf(
     return WriteResult(
         layout.recorded_digests(folder, fingerprint), [layout.names[i] for i in sorted(reused)]
     )
-
-
-def stream_steps(ckpt, steps: list[Step], writer: ShardedWriter, check_finite: bool, advance) -> None:
-    """Read, transform and write, tensor by tensor, the steps with a target in one of the writer's
-    shards; `advance(bytes)` after each tensor written."""
-    # The reader reads ahead in this order (page cache only) while each tensor is written.
-    ckpt.read_order([s.source for s in steps if any(writer.wants(t.name) for t in s.targets)])
-    for step in steps:
-        if not any(writer.wants(t.name) for t in step.targets):
-            continue
-        try:
-            whole = ckpt.read(step.source, step.rule.transform)
-            parts = step.rule.transform.to_hf(whole)
-        except LayoutError as exc:
-            raise ConversionError(f"{where(ckpt, step.source)}: {step.source}: {exc}") from None
-        for target, part in zip(step.targets, parts):
-            if not writer.wants(target.name):
-                continue
-            part = part.to(target.dtype)
-            if check_finite and part.is_floating_point() and not bool(torch.isfinite(part).all()):
-                raise ConversionError(f"{where(ckpt, step.source)}: {step.source} holds NaN or Inf")
-            advance(writer.write(target.name, part))
-        whole = parts = part = None  # free this tensor before the next one is read
 
 
 def _remove_all_but(folder: Path, keep: set[str]) -> None:
@@ -560,19 +521,6 @@ def _changed(destination: Path, what: str, kept: str = "") -> ConversionError:
 
 
 def open_megatron(path: Path, *, iteration: int | None = None, trust_pickle: bool = False):
-    from .formats import torch_dist
-
-    path = Path(path)
-    if not path.exists():
-        raise ConversionError(f"{path}: does not exist")
-    if not path.is_dir():
-        raise ConversionError(f"{path}: not a checkpoint folder")
-    iteration_dir, _ = legacy.find_iteration_dir(path, iteration)
-    if (iteration_dir / "metadata.json").exists():
-        ckpt = torch_dist.read(path, iteration=iteration, trust_pickle=trust_pickle)
-    else:
-        ckpt = legacy.read(path, iteration=iteration, trust_pickle=trust_pickle)
-    # How to open the same checkpoint again (worker processes do): this iteration, this trust.
-    resolved = "release" if iteration_dir.name == "release" else int(iteration_dir.name.removeprefix("iter_"))
-    ckpt.opened_with = {"path": str(path), "iteration": resolved, "trust_pickle": trust_pickle}
-    return ckpt
+    """formats/reader.open_checkpoint with the pipelined layer stacks of every known family (for
+    callers that open a checkpoint before its family is known)."""
+    return open_checkpoint(path, iteration, trust_pickle, pipelined_stacks=PIPELINED_STACKS)

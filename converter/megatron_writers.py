@@ -22,6 +22,7 @@ from mappings.table import Rule, Table
 from mappings.transforms import LayoutError
 
 from .errors import ConversionError
+from .families import PIPELINED_STACKS
 from .formats import legacy, mapped_pages, torch_dist_writer
 from .formats.safetensors_stream import DTYPE_NAMES
 from .formats.torch_zip import StreamedTorchSave
@@ -189,8 +190,11 @@ def megatron_tensor(get, rule: Rule, layer: str, tp: int) -> torch.Tensor:
         raise ConversionError(f"{rule.hf_names(layer)[0]}: {exc}") from None
 
 
-def write_legacy(folder: Path, args, steps, source, *, iteration: int = 1) -> None:
-    """Rank files of every stage laid out from shapes, then filled one global tensor at a time."""
+def write_legacy(
+    folder: Path, args, steps, source, *, iteration: int = 1, pipelined_stacks=PIPELINED_STACKS
+) -> None:
+    """Rank files of every stage laid out from shapes, then filled one global tensor at a time.
+    `pipelined_stacks`: the layer stacks split across stages (the family's; default: any family's)."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     per_stage = args.num_layers // pp
     if args.num_layers % pp:
@@ -198,13 +202,15 @@ def write_legacy(folder: Path, args, steps, source, *, iteration: int = 1) -> No
     stages: dict[int, list] = {}
     for rule, layer in steps:
         name = rule.megatron_name(layer)
-        stages.setdefault(legacy.stage_of(name, pp, per_stage, args.num_layers), []).append((rule, layer))
+        stages.setdefault(legacy.stage_of(name, pp, per_stage, args.num_layers, pipelined_stacks), []).append(
+            (rule, layer)
+        )
     total = sum(_nbytes(megatron_tensor(source.meta, rule, layer, tp)) for rule, layer in steps)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="megatron rank files", leave=False, disable=None)
     with bar:
         for p in range(pp):
             members = stages.get(p, [])
-            files = _lay_out_stage(folder, args, iteration, p, members, source, per_stage)
+            files = _lay_out_stage(folder, args, iteration, p, members, source, per_stage, pipelined_stacks)
             try:
                 for index, (rule, layer) in enumerate(members):
                     whole = megatron_tensor(source.get, rule, layer, tp)
@@ -225,10 +231,15 @@ def write_legacy(folder: Path, args, steps, source, *, iteration: int = 1) -> No
     legacy.write_tracker(folder, iteration)
 
 
-def _lay_out_stage(folder, args, iteration, p, members, source, per_stage) -> list[StreamedTorchSave]:
+def _lay_out_stage(
+    folder, args, iteration, p, members, source, per_stage, pipelined_stacks
+) -> list[StreamedTorchSave]:
     """One torch.save skeleton per TP rank of stage `p` (untouched placeholders: no memory)."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    names = [legacy.local_layer_name(rule.megatron_name(layer), p, per_stage) for rule, layer in members]
+    names = [
+        legacy.local_layer_name(rule.megatron_name(layer), p, per_stage, pipelined_stacks)
+        for rule, layer in members
+    ]
     metas = [
         rule.transform.split(megatron_tensor(source.meta, rule, layer, tp), tp) for rule, layer in members
     ]
@@ -263,12 +274,13 @@ _STACK = re.compile(r"^((?:\w+\.)*?decoder\.layers)\.(\d+)\.(.*)$")
 _EXTRA_STATE_OWNERS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
 
 
-def write_torch_dist(folder: Path, args, steps, source, *, iteration: int = 1) -> None:
+def write_torch_dist(folder: Path, args, steps, source, *, iteration: int = 1, pipelined_stacks=None) -> None:
     """What Megatron-Core's dist_checkpointing.save writes, from a single process: global tensors
     under the sharded state dict's names (input norms fused into the next linear's name), the
     layers of each parameter stacked on a leading axis and stored in one chunk per layer and TP
     rank, and an empty `_extra_state` object per linear layer (Megatron-Core's loader expects
-    them). One global layer tensor in memory at a time."""
+    them). One global layer tensor in memory at a time. (Layers keep their global numbers here:
+    `pipelined_stacks` is accepted for a writer signature common with write_legacy.)"""
     tp = args.tensor_model_parallel_size
     groups: dict[str, list] = {}
     for rule, layer in steps:

@@ -20,8 +20,8 @@ TOKENIZER_FILES = (
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """What a conversion takes from the tokenizer: its size (the true vocab), the image placeholder
-    <|vision_pad|> (None without one) and the special ids the configs record (None where absent)."""
+    """What a conversion takes from the tokenizer: its size (the true vocab), the id of the family's
+    image placeholder (None without one) and the special ids the configs record (None where absent)."""
 
     size: int | None = None
     image_token_id: int | None = None
@@ -30,9 +30,9 @@ class TokenizerInfo:
     pad_token_id: int | None = None
 
 
-def tokenizer_info(folder: Path | None, image_token: str = "<|vision_pad|>") -> TokenizerInfo:
+def tokenizer_info(folder: Path | None, image_token: str | None = None) -> TokenizerInfo:
     """Validate a tokenizer folder and read what a conversion needs of it (all None without one);
-    `image_token`: the family's image placeholder."""
+    `image_token`: the family's image placeholder (families/base.py `image_token`; None: none)."""
     if folder is None:
         return TokenizerInfo()
     folder = Path(folder)
@@ -63,7 +63,7 @@ def tokenizer_info(folder: Path | None, image_token: str = "<|vision_pad|>") -> 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else known("<|endoftext|>")
     return TokenizerInfo(
         size=len(tokenizer),
-        image_token_id=known(image_token),
+        image_token_id=known(image_token) if image_token is not None else None,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=bos,
         pad_token_id=tokenizer.pad_token_id,

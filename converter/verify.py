@@ -190,10 +190,11 @@ def _check_config(config_json, family, config, stored: dict[str, StoredTensor], 
 def _check_against(folder: Path, stored: dict[str, StoredTensor], source: Path, trust_pickle: bool, report):
     from safetensors import safe_open
 
-    from .engine import open_megatron, plan_megatron_to_hf
-    from .families import family_for_args
+    from .engine import plan_megatron_to_hf
+    from .families import PIPELINED_STACKS, family_for_args
+    from .formats.reader import open_checkpoint
 
-    ckpt = open_megatron(source, trust_pickle=trust_pickle)
+    ckpt = open_checkpoint(source, trust_pickle=trust_pickle, pipelined_stacks=PIPELINED_STACKS)
     family = family_for_args(ckpt.args)
     try:
         # what the checkpoint cannot tell (tokenizer size, real ViT heads) is taken from the folder

@@ -3,8 +3,8 @@
 The shard layout is fixed by the plan before any data moves (formats/safetensors_stream.py), so a
 writer can write any subset of the shards (`ShardedWriter(only=...)`) and each shard's bytes do not
 depend on who writes it. Each worker process opens the checkpoint itself, writes whole shards by
-streaming their tensors exactly as a single process does (engine.stream_steps: one tensor and its
-TP shards in memory at a time), and records each finished shard. The parent shows one progress
+streaming their tensors exactly as a single process does (streaming.stream_steps: one tensor and
+its TP shards in memory at a time), and records each finished shard. The parent shows one progress
 bar; the index (and the manifest, by the caller) is written once, after every worker has finished.
 """
 
@@ -19,6 +19,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import ConversionError
+from .formats.reader import open_checkpoint
+from .formats.safetensors_stream import ShardedWriter
+from .streaming import stream_steps
 
 
 def partition(sizes: dict[int, int], workers: int) -> list[list[int]]:
@@ -35,7 +38,7 @@ def partition(sizes: dict[int, int], workers: int) -> list[list[int]]:
 
 @dataclass
 class WorkerJob:
-    opened_with: dict  # open_megatron's arguments for the same checkpoint
+    opened_with: dict  # open_checkpoint's arguments for the same checkpoint
     steps: list  # the whole plan (every worker lays out every shard the same way)
     folder: str
     max_shard_size: int
@@ -111,15 +114,14 @@ def _work(job: WorkerJob, events) -> None:
     """One worker: its shards, streamed; progress, completion or the error message to the parent."""
     import torch
 
-    from .engine import open_megatron, stream_steps
-    from .formats.safetensors_stream import ShardedWriter
-
     torch.set_num_threads(job.threads)  # N workers x all CPUs each would oversubscribe the machine
     try:
-        ckpt = open_megatron(
-            Path(job.opened_with["path"]),
-            iteration=job.opened_with["iteration"],
-            trust_pickle=job.opened_with["trust_pickle"],
+        opened = job.opened_with
+        ckpt = open_checkpoint(
+            Path(opened["path"]),
+            opened["iteration"],
+            opened["trust_pickle"],
+            pipelined_stacks=opened["pipelined_stacks"],
         )
         planned = [t for s in job.steps for t in s.targets]
         writer = ShardedWriter(

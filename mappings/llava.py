@@ -26,6 +26,21 @@ from __future__ import annotations
 
 import torch
 
+from .megatron_args import (
+    FFN_HIDDEN,
+    HEADS,
+    HIDDEN,
+    MAX_POSITIONS,
+    NORM_EPSILON,
+    NUM_LAYERS,
+    QUERY_GROUPS,
+    ROTARY_BASE,
+    ConfigTable,
+    Field,
+    constant,
+    from_context,
+    padded_rows,
+)
 from .qwen2 import qwen2_rules
 from .table import Rule, Table, row
 from .transforms import GQAQKV, ClassToken, Column, Replicated, Row, WithUnused
@@ -124,3 +139,69 @@ def table_for(config, divisible_by: int = 128) -> Table:
 def official_dtype(hf_name: str) -> torch.dtype:
     """Megatron-LM's recipe trains in bfloat16 (`--bf16`): every tensor."""
     return torch.bfloat16
+
+
+IMAGE_TOKEN = "<image>"  # examples/multimodal's IMAGE_TOKEN (--special-tokens)
+
+
+def _vit(name: str, hf: str) -> Field:
+    return Field(name, write=lambda c, x, hf=hf: getattr(c.vision_config, hf))
+
+
+# The args hf-to-megatron records: Megatron-LM's names for the recipe's model; the fields
+# examples/multimodal/config.py fixes for CLIP (ViT sizes), the projector's shape and the image
+# token id are recorded for our reader (`vision_*`, `projector_*`, `image_token_index`).
+LLAVA_ARGS = ConfigTable(
+    (
+        from_context("tensor_model_parallel_size", "tp"),
+        from_context("pipeline_model_parallel_size", "pp"),
+        NUM_LAYERS,
+        HIDDEN,
+        FFN_HIDDEN,
+        HEADS,
+        Field(
+            "group_query_attention",
+            write=lambda c, x: x.text.num_key_value_heads != x.text.num_attention_heads,
+        ),
+        QUERY_GROUPS,
+        Field("kv_channels", write=lambda c, x: x.text.head_dim),
+        MAX_POSITIONS,
+        Field("decoder_seq_length", write=lambda c, x: x.text.max_position_embeddings),
+        constant("position_embedding_type", "rope"),
+        ROTARY_BASE,
+        constant("rotary_percent", 1.0),
+        constant("use_rope_scaling", False),
+        constant("normalization", "RMSNorm"),
+        NORM_EPSILON,
+        constant("swiglu", True),
+        constant("add_bias_linear", False),
+        constant("add_qkv_bias", False),
+        constant("untie_embeddings_and_output_weights", True),
+        from_context("vocab_size", "rows"),
+        Field("padded_vocab_size", write=padded_rows),
+        from_context("make_vocab_size_divisible_by", "divisible_by"),
+        from_context("params_dtype", "dtype"),
+        Field("bf16", write=lambda c, x: x.dtype == torch.bfloat16),
+        Field("fp16", write=lambda c, x: x.dtype == torch.float16),
+        constant("vision_model_type", "clip"),
+        _vit("img_h", "image_size"),
+        _vit("img_w", "image_size"),
+        _vit("patch_dim", "patch_size"),
+        Field(
+            "disable_vision_class_token",
+            write=lambda c, x: c.vision_feature_select_strategy == "default",
+        ),
+        constant("pixel_shuffle", False),
+        constant("use_tile_tags", False),
+        Field("special_tokens", write=lambda c, x: [IMAGE_TOKEN]),
+        _vit("vision_num_layers", "num_hidden_layers"),
+        _vit("vision_hidden_size", "hidden_size"),
+        _vit("vision_ffn_hidden_size", "intermediate_size"),
+        _vit("vision_num_attention_heads", "num_attention_heads"),
+        _vit("vision_norm_epsilon", "layer_norm_eps"),
+        Field("projector_ffn_hidden_size", write=lambda c, x: x.text.hidden_size),
+        Field("projector_bias", write=lambda c, x: c.multimodal_projector_bias),
+        Field("image_token_index", write=lambda c, x: c.image_token_index),
+    ),
+    text=lambda config: config.text_config,
+)

@@ -13,6 +13,21 @@ import re
 
 import torch
 
+from .megatron_args import (
+    FFN_HIDDEN,
+    HEADS,
+    HIDDEN,
+    MAX_POSITIONS,
+    NORM_EPSILON,
+    NUM_LAYERS,
+    QUERY_GROUPS,
+    ROTARY_BASE,
+    ConfigTable,
+    Field,
+    constant,
+    from_context,
+    padded_head_count,
+)
 from .qwen2 import qwen2_rules
 from .table import Table, row
 from .transforms import Column, PositionEmbedding, Replicated, Row, ViTProj, ViTQKNorm, ViTQKV
@@ -97,3 +112,76 @@ _OFFICIAL_FP32 = re.compile(
 
 def official_dtype(hf_name: str) -> torch.dtype:
     return torch.float32 if _OFFICIAL_FP32.fullmatch(hf_name) else torch.bfloat16
+
+
+# the args hf-to-megatron records, as Megatron-LM records them (modeling/megatron/args.py writes it)
+NVLM_D_ARGS = ConfigTable(
+    (
+        # parallelism
+        from_context("tensor_model_parallel_size", "tp"),
+        from_context("pipeline_model_parallel_size", "pp"),
+        constant("virtual_pipeline_model_parallel_size", None),
+        constant("encoder_tensor_model_parallel_size", 0),
+        constant("encoder_pipeline_model_parallel_size", 0),
+        # language model (Qwen2)
+        NUM_LAYERS,
+        HIDDEN,
+        FFN_HIDDEN,
+        HEADS,
+        Field(
+            "group_query_attention",
+            write=lambda c, x: x.text.num_key_value_heads != x.text.num_attention_heads,
+        ),
+        QUERY_GROUPS,
+        Field("kv_channels", write=lambda c, x: x.text.hidden_size // x.text.num_attention_heads),
+        MAX_POSITIONS,
+        Field("seq_length", write=lambda c, x: x.text.max_position_embeddings),
+        constant("position_embedding_type", "rope"),
+        ROTARY_BASE,
+        constant("rotary_percent", 1.0),
+        constant("use_rope_scaling", False),
+        constant("normalization", "RMSNorm"),
+        NORM_EPSILON,
+        constant("swiglu", True),
+        constant("add_bias_linear", False),
+        constant("add_qkv_bias", True),
+        constant("untie_embeddings_and_output_weights", True),
+        from_context("vocab_size", "tokenizer_vocab"),
+        from_context("padded_vocab_size", "padded_vocab"),
+        from_context("make_vocab_size_divisible_by", "divisible_by"),
+        from_context("params_dtype", "dtype"),
+        Field("bf16", write=lambda c, x: x.dtype == torch.bfloat16),
+        Field("fp16", write=lambda c, x: x.dtype == torch.float16),
+        Field("transformer_impl", write=lambda c, x: "transformer_engine" if x.spec == "te" else "local"),
+        constant("tokenizer_prompt_format", "qwen2p0"),
+        # vision model (InternViT) and projector
+        constant("vision_model_type", "internvit"),
+        Field("encoder_num_layers", write=lambda c, x: c.vision_config.num_hidden_layers),
+        Field("vision_hidden_size", write=lambda c, x: c.vision_config.hidden_size),
+        Field("vision_ffn_hidden_size", write=lambda c, x: c.vision_config.intermediate_size),
+        Field(
+            "vision_num_attention_heads",
+            write=lambda c, x: padded_head_count(c.vision_config.num_attention_heads, x.tp),
+        ),
+        Field("vision_num_real_attention_heads", write=lambda c, x: c.vision_config.num_attention_heads),
+        Field("vision_kv_channels", write=lambda c, x: c.vision_config.head_dim),
+        Field("vision_norm_epsilon", write=lambda c, x: c.vision_config.layer_norm_eps),
+        Field("img_h", write=lambda c, x: c.image_size),
+        Field("img_w", write=lambda c, x: c.image_size),
+        Field("patch_dim", write=lambda c, x: c.vision_config.patch_size),
+        constant("disable_vision_class_token", False),
+        Field("pixel_shuffle", write=lambda c, x: c.downsample_ratio == 0.5),
+        constant("use_tile_tags", True),
+        Field("max_num_tiles", write=lambda c, x: c.max_dynamic_patch),
+        Field("use_thumbnail", write=lambda c, x: c.use_thumbnail),
+        constant("use_tiling", True),
+        Field("special_tokens", write=lambda c, x: ["<image>"]),
+        constant("image_tag_type", "nvlm"),
+        constant("vision_projection_type", "mlp"),
+        Field("projector_ffn_hidden_size", write=lambda c, x: x.text.intermediate_size),
+        Field("projector_layer_norm_eps", write=lambda c, x: c.projector_layer_norm_eps),
+        # not a Megatron-LM field: the image placeholder's id in the tokenizer, recorded for convenience
+        Field("image_token_id", write=lambda c, x: c.img_context_token_id),
+    ),
+    text=lambda config: config.llm_config,
+)

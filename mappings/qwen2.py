@@ -6,6 +6,22 @@ and by NVLM-D for its language model (prefix "language_model." on both sides).
 
 from __future__ import annotations
 
+from .megatron_args import (
+    FFN_HIDDEN,
+    HEADS,
+    HIDDEN,
+    MAX_POSITIONS,
+    NORM_EPSILON,
+    NUM_LAYERS,
+    QUERY_GROUPS,
+    ROTARY_BASE,
+    UNTIE,
+    ConfigTable,
+    Field,
+    constant,
+    from_context,
+    padded_rows,
+)
 from .table import Rule, row
 from .transforms import GQAQKV, GatedMLP, Replicated, Row, Vocab
 
@@ -72,3 +88,32 @@ def qwen2_table_for(config, divisible_by: int = 128) -> tuple[Rule, ...]:
         divisible_by=divisible_by,
         tied=config.tie_word_embeddings,
     )
+
+
+# the args hf-to-megatron records (mappings/megatron_args.py: Field, ConfigTable)
+QWEN2_ARGS = ConfigTable(
+    (
+        from_context("tensor_model_parallel_size", "tp"),
+        from_context("pipeline_model_parallel_size", "pp"),
+        NUM_LAYERS,
+        HIDDEN,
+        FFN_HIDDEN,
+        HEADS,
+        constant("group_query_attention", True),
+        QUERY_GROUPS,
+        Field("kv_channels", write=lambda c, x: x.text.hidden_size // x.text.num_attention_heads),
+        MAX_POSITIONS,
+        NORM_EPSILON,
+        ROTARY_BASE,
+        constant("swiglu", True),
+        constant("add_qkv_bias", True),
+        constant("add_bias_linear", False),
+        UNTIE,
+        from_context("vocab_size", "rows"),
+        Field("padded_vocab_size", write=padded_rows),
+        from_context("make_vocab_size_divisible_by", "divisible_by"),
+        from_context("params_dtype", "dtype"),
+        constant("normalization", "RMSNorm"),
+        constant("position_embedding_type", "rope"),
+    )
+)

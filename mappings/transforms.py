@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .megatron_args import padded_head_count, padded_vocab_size
+
 
 class LayoutError(ValueError):
     """A tensor does not have the layout its transform expects (names the problem)."""
@@ -39,14 +41,9 @@ def _require_zero(tensor: torch.Tensor, what: str) -> None:
         raise LayoutError(f"{what} is not zero (a dummy head must be exactly zero: wrong head layout?)")
 
 
-def megatron_vit_heads(real_heads: int, tp: int) -> int:
-    """Megatron-LM's padded ViT head count at tensor parallel size tp."""
-    return ((real_heads - 1) // tp + 1) * tp
-
-
-def megatron_vocab_rows(rows: int, tp: int, divisible_by: int = 128) -> int:
-    multiple = divisible_by * tp
-    return -(-rows // multiple) * multiple
+# Megatron-LM's padding rules, under the names the transforms use; their one home is megatron_args.py.
+megatron_vit_heads = padded_head_count
+megatron_vocab_rows = padded_vocab_size
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Trained by scripts/train_tiny_nvlm.py on the synthetic benchmark (converter/parity/synthetic.py)
+# Trained by scripts/train_tiny_nvlm.py on the synthetic benchmark (scripts/synthetic_bench.py)
 # and shipped in tests/fixtures/nvlm-d-small-trained: "tiny" made wider and deeper so that it
 # learns to read, still 11 MB. 6 real + 7 dummy ViT heads (Megatron pads to 8 at TP 4/8); 2 KV groups.
 PRESETS["small"] = copy.deepcopy(PRESETS["tiny"])

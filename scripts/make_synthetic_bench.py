@@ -4,7 +4,7 @@
 
 `--n` items per family (ocr, chart, document, multiple-choice, vqa): OUT/bench.jsonl and
 OUT/images/*.png. Deterministic: the same seed gives byte-identical files. The families, their
-metrics and the split between evaluation and training items: converter/parity/synthetic.py.
+metrics and the split between evaluation and training items: scripts/synthetic_bench.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.parity.synthetic import write_bench  # noqa: E402
+from synthetic_bench import write_bench  # noqa: E402 (beside this script)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from converter.parity import numerics  # noqa: E402
+from converter.parity.api import DTYPES  # noqa: E402
 from converter.parity.compare import first_jump, kl_per_position, layer_errors, logits_metrics  # noqa: E402
 from converter.parity.logits import run_hf  # noqa: E402
-from converter.parity_cli import DTYPES  # noqa: E402
 
 
 def variants() -> list[tuple[str, tuple[str, ...]]]:

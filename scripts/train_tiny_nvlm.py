@@ -7,7 +7,7 @@ What it does, in order:
 1. builds the `small` preset (modeling/presets.py) as Megatron-Core's LLaVAModel at TP=1, with the
    seeded initial weights of modeling/megatron/weights.py;
 2. trains it on items generated on the fly (DataLoader workers) from the "train" split of
-   converter/parity/synthetic.py, disjoint from the evaluation set's "eval" split; NVLM's chat
+   scripts/synthetic_bench.py, disjoint from the evaluation set's "eval" split; NVLM's chat
    prompt (our `prepare`: system turn, tile tags, one placeholder per image embedding) and the loss on
    the answer tokens (and the closing <|im_end|>) only, as Megatron-LM's NVLM SFT does. AdamW, linear
    warm-up, cosine decay over a wall-clock budget (`--minutes`) or `--max-steps`;
@@ -41,9 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from synthetic_bench import FAMILIES, make_item  # noqa: E402 (beside this script)
+
 from converter.parity import bench as bench_mod  # noqa: E402
 from converter.parity.cases import Case, prepare  # noqa: E402
-from converter.parity.synthetic import FAMILIES, make_item  # noqa: E402
 from modeling.presets import get_config, tokenizer_size  # noqa: E402
 
 TOKENIZER = REPO / "tests" / "fixtures" / "tiny-tokenizer"

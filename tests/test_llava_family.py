@@ -219,7 +219,7 @@ def megatron_logits(converted):
     args and tensors)."""
     pytest.importorskip("megatron.core", reason="megatron-core is needed for the Megatron side")
     from converter.engine import open_megatron
-    from converter.family_llava import LLaVA
+    from converter.families import LLaVA
     from modeling.megatron.builder import ParallelLayout
     from modeling.megatron.distributed import run_ranks
     from modeling.megatron.llava import llava_logits

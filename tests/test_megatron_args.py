@@ -132,3 +132,99 @@ def test_where_nothing_tells_the_real_heads_the_option_is_named(checkpoints, tmp
     assert code == 2 and "--vision-real-heads" in output and "Traceback" not in output, output
     config, _ = _converted_config(tmp_path, source, "--vision-real-heads", "5")
     assert config["vision_config"]["num_attention_heads"] == 5
+
+
+# --- the config tables (mappings/megatron_args.py and each family's table) ----------------------
+
+
+def _qwen2_config(**overrides):
+    from transformers import Qwen2Config
+
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+        vocab_size=200,
+        tie_word_embeddings=False,
+    )
+    return Qwen2Config(**{**fields, **overrides})
+
+
+def test_a_config_table_goes_both_ways():
+    """HF config -> args (the table, in its order) -> the same HF decoder fields back."""
+    import torch
+
+    from mappings.megatron_args import decoder_fields
+    from mappings.qwen2 import QWEN2_ARGS
+
+    config = _qwen2_config()
+    args = QWEN2_ARGS.to_args(config, tp=2, pp=3, dtype=torch.bfloat16, divisible_by=128, rows=200)
+    assert list(vars(args)) == [field.name for field in QWEN2_ARGS.fields]  # the order rank files hold
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 3)
+    assert (args.vocab_size, args.padded_vocab_size) == (200, 256)  # padded to 128 x TP
+    assert args.rotary_base == 5000 and isinstance(args.rotary_base, int)
+    back = decoder_fields(args)
+    assert back == {
+        "num_hidden_layers": 3,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 96,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 5000.0,
+        "tie_word_embeddings": False,
+    }
+
+
+def test_the_decoder_fields_read_every_generations_names():
+    """A 0.19 checkpoint stores the norm epsilon as layernorm_epsilon; without
+    group_query_attention the KV heads are the query heads; untie missing means tied."""
+    from mappings.megatron_args import decoder_fields
+
+    args = argparse.Namespace(
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=1,  # ignored: no group_query_attention
+        max_position_embeddings=16,
+        layernorm_epsilon=1e-6,
+        rotary_base=10000,
+    )
+    fields = decoder_fields(args)
+    assert fields["rms_norm_eps"] == 1e-6 and fields["num_key_value_heads"] == 4
+    assert fields["tie_word_embeddings"] is True and fields["rope_theta"] == 10000.0
+
+
+def test_each_padding_rule_has_one_home():
+    """The transforms, the Megatron builder and the families use mappings/megatron_args.py's rules."""
+    from mappings import megatron_args, transforms
+    from modeling.megatron import args as megatron_side
+
+    assert transforms.megatron_vit_heads is megatron_args.padded_head_count
+    assert transforms.megatron_vocab_rows is megatron_args.padded_vocab_size
+    assert megatron_side.padded_head_count is megatron_args.padded_head_count
+    assert [megatron_args.padded_vocab_size(200, tp) for tp in (1, 2, 4)] == [256, 256, 512]
+    assert megatron_args.hf_vocab_rows(151665) == 152064 and megatron_args.hf_vocab_rows(200) == 200
+    assert megatron_args.hf_vocab_rows(200, 128) == 256
+
+
+def test_the_families_write_their_tables():
+    """hf-to-megatron's args are each family's table: Qwen2's for a Qwen2Config."""
+    import torch
+
+    from converter.families import Qwen2
+    from mappings.qwen2 import QWEN2_ARGS
+
+    config = _qwen2_config(tie_word_embeddings=True)
+    args = Qwen2.megatron_args(config, 1, 1, dtype=torch.float32, divisible_by=64)
+    assert vars(args) == vars(
+        QWEN2_ARGS.to_args(config, tp=1, pp=1, dtype=torch.float32, divisible_by=64, rows=200)
+    )
+    assert args.untie_embeddings_and_output_weights is False and args.padded_vocab_size == 256

@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import cli, load_hf_tensors
 
+from converter.errors import ConversionError
+
 HIDDEN, HEADS, GROUPS, FFN, LAYERS, VOCAB = 64, 4, 2, 128, 2, 256
 HEAD_DIM = HIDDEN // HEADS
 ROPE_THETA, RMS_EPS = 1_000_000.0, 1e-5  # not transformers' defaults: they must travel through args
@@ -234,6 +236,36 @@ def test_reshard_pads_the_vocab_and_stays_exact(megatron, hf_source, tmp_path):
 
 
 # -- traps ---------------------------------------------------------------------------------------
+
+
+def test_the_library_api_writes_what_the_cli_writes(megatron, hf_source, tmp_path):
+    """converter/api.py under the click commands: the same folders, byte for byte, and inspect's rows."""
+    from converter import api
+
+    folder, _ = hf_source
+    lines = []
+    api.convert_hf_to_megatron(folder, tmp_path / "tp2-pp2", tp=2, pp=2, log=lines.append)
+    assert lines == [f"wrote {tmp_path / 'tp2-pp2'}: TP=2 PP=2 torch"]
+    for ours in sorted((tmp_path / "tp2-pp2").rglob("*")):
+        if ours.is_file():
+            assert (
+                ours.read_bytes()
+                == (megatron["tp2-pp2"] / ours.relative_to(tmp_path / "tp2-pp2")).read_bytes()
+            )
+    options = api.ConvertOptions(no_tokenizer=True, dtype="bf16")
+    api.convert_megatron_to_hf(megatron["tp2-pp2"], tmp_path / "by-api", options, log=lines.append)
+    code, output = cli(
+        "megatron-to-hf", megatron["tp2-pp2"], tmp_path / "by-cli", "--no-tokenizer", "--dtype", "bf16"
+    )
+    assert code == 0, output
+    by_cli = sorted(p.name for p in (tmp_path / "by-cli").iterdir())
+    assert sorted(p.name for p in (tmp_path / "by-api").iterdir()) == by_cli
+    for name in by_cli:
+        assert (tmp_path / "by-api" / name).read_bytes() == (tmp_path / "by-cli" / name).read_bytes(), name
+    rows = dict(api.inspect(megatron["tp2-pp2"]))
+    assert rows["parallel layout"] == "TP=2 PP=2 VP=1" and rows["num_layers"] == 2
+    with pytest.raises(ConversionError, match="tokenizer"):
+        api.convert_megatron_to_hf(megatron["tp1"], tmp_path / "none", api.ConvertOptions())
 
 
 def _edited_copy(source: Path, dest: Path, edit) -> Path:

@@ -16,6 +16,7 @@ pytest.importorskip("megatron.core", reason="the Megatron side runs with megatro
 FIXTURES = REPO / "tests" / "fixtures"
 TRAINED = FIXTURES / "nvlm-d-small-trained"
 BENCH = FIXTURES / "synthetic-bench" / "bench.jsonl"
+sys.path.insert(0, str(REPO / "scripts"))  # scripts/synthetic_bench.py: the generator the scripts share
 
 
 # -- the synthetic benchmark ----------------------------------------------------------------------
@@ -48,8 +49,9 @@ def test_shipped_eval_set_is_what_the_generator_makes(tmp_path):
 
 
 def test_families_metrics_and_tiles():
+    from synthetic_bench import FAMILIES, METRIC, make_item
+
     from converter.parity.bench import load_items
-    from converter.parity.synthetic import FAMILIES, METRIC, make_item
     from modeling.processing_nvlm_d import dynamic_preprocess
 
     items = load_items(BENCH)

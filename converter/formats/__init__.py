@@ -1,1 +1,2 @@
-"""Checkpoint formats: readers and writers that know nothing of NVLM (tensor names in, tensors out)."""
+"""Checkpoint formats: readers and writers that know no model family (tensor names in, tensors
+out); `reader.open_checkpoint` opens a Megatron checkpoint in whichever format it is."""

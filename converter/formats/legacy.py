@@ -24,7 +24,15 @@ from .read_ahead import ReadAhead
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
-_LLM_LAYER = re.compile(r"^((?:language_model\.)?decoder\.layers\.)(\d+)\.")
+
+
+def layer_pattern(pipelined_stacks) -> re.Pattern:
+    """`^(stack)(N).` for the layer stacks that pipeline stages split (the LLM's; the model family
+    names them: a vision tower's layers all live on the first stage and keep their numbers)."""
+    stacks = sorted(set(pipelined_stacks), key=len, reverse=True)  # the longest spelling first
+    if not stacks:
+        raise ValueError("no pipelined layer stack named")
+    return re.compile("^(" + "|".join(map(re.escape, stacks)) + r")(\d+)\.")
 
 
 def iteration_name(iteration: int | str) -> str:
@@ -198,7 +206,12 @@ def _rank_name(t: int, p: int, pp: int) -> str:
     return f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
 
 
-def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False) -> LegacyCheckpoint:
+def read(
+    root: Path, *, iteration: int | None = None, trust_pickle: bool = False, pipelined_stacks
+) -> LegacyCheckpoint:
+    """The checkpoint at `root`: every rank file's tensors under global names (TP shards side by
+    side; the layers of `pipelined_stacks` renumbered from stage-local to global)."""
+    stacked = layer_pattern(pipelined_stacks)
     iteration_dir, note = find_iteration_dir(root, iteration)
     files = _rank_files(iteration_dir)
     if not files:
@@ -265,7 +278,7 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
                     continue  # _extra_state None / BytesIO stand-ins
                 if not isinstance(key, str):
                     raise ConversionError(f"{path}: a tensor under the key {key!r}, not a name")
-                name = _LLM_LAYER.sub(lambda m, o=offset: f"{m.group(1)}{int(m.group(2)) + o}.", key)
+                name = stacked.sub(lambda m, o=offset: f"{m.group(1)}{int(m.group(2)) + o}.", key)
                 names.add(name)
                 ckpt.shards.setdefault(name, [None] * tp)[t] = tensor
                 ckpt._stage_files.setdefault(name, [None] * tp)[t] = path
@@ -312,25 +325,21 @@ def rank_file(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int) -
     return path / "model_optim_rng.pt"
 
 
-def write_rank(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int, args, model: dict) -> Path:
-    path = rank_file(root, iteration, tp_rank, pp_rank, pp)
-    torch.save(rank_contents(args, iteration, model), path)
-    return path
-
-
 def write_tracker(root: Path, iteration: int) -> None:
     (Path(root) / TRACKER).write_text(str(iteration))
 
 
-def local_layer_name(name: str, pp_rank: int, layers_per_stage: int) -> str:
+def local_layer_name(name: str, pp_rank: int, layers_per_stage: int, pipelined_stacks) -> str:
     """Global LLM layer number -> the stage-local one a legacy file stores."""
-    return _LLM_LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) - pp_rank * layers_per_stage}.", name)
+    return layer_pattern(pipelined_stacks).sub(
+        lambda m: f"{m.group(1)}{int(m.group(2)) - pp_rank * layers_per_stage}.", name
+    )
 
 
-def stage_of(name: str, pp: int, layers_per_stage: int, num_layers: int) -> int:
+def stage_of(name: str, pp: int, layers_per_stage: int, num_layers: int, pipelined_stacks) -> int:
     """Pipeline stage a global tensor lives on: LLM layer i on i // per-stage; embeddings, vision
     and projector on the first; final norm and output layer on the last."""
-    found = _LLM_LAYER.match(name)
+    found = layer_pattern(pipelined_stacks).match(name)
     if found:
         return int(found.group(2)) // layers_per_stage
     if name.endswith(("final_layernorm.weight", "output_layer.weight")):

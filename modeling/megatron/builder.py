@@ -23,6 +23,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mappings.megatron_args import padded_vocab_size  # noqa: F401  (re-exported: callers import it here)
+
 from .args import padded_head_count
 from .internvit import internvit_layer_spec
 from .projector import projector_submodules
@@ -38,12 +40,6 @@ class ParallelLayout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron-LM's rule: round the tokenizer's vocab up to a multiple of divisible_by * TP."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:

@@ -169,8 +169,8 @@ def conversation(question: str, history=(), system: str = SYSTEM) -> list[dict]:
 def checkpoint_sizes(ckpt) -> dict:
     """The sizes examples/multimodal/config.py hard-codes, as the checkpoint's tensors give them."""
     from converter.families import CheckpointTensors
-
-    from .args import arg, vision_structure
+    from converter.families.nvlm_d import vision_structure
+    from mappings.megatron_args import arg
 
     vit = vision_structure(ckpt.args, CheckpointTensors(ckpt))
     return {

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from .args import config_from_args
+from converter.families.nvlm_d import config_from_args
+
 from .builder import ParallelLayout, build_llava, padded_vocab_size
 from .checkpoint import load_legacy_state, te_names
 from .runner import MegatronRunner
@@ -52,15 +53,12 @@ def open_checkpoint(checkpoint: str | Path, trust_pickle: bool = False):
     """The checkpoint through the converter's readers: every pickle (rank files, `common.pt`,
     `.metadata`, the common state) unpickled safely, sizes and storage paths checked
     (converter/formats/safe_pickle.py); ConversionError naming the file otherwise."""
-    from converter.engine import open_megatron
+    from converter.families import PIPELINED_STACKS
+    from converter.formats import reader
 
-    return open_megatron(Path(checkpoint), trust_pickle=trust_pickle)
-
-
-def is_torch_dist(checkpoint: str | Path) -> bool:
-    from converter.formats.legacy import find_iteration_dir
-
-    return (find_iteration_dir(Path(checkpoint))[0] / "metadata.json").exists()
+    return reader.open_checkpoint(
+        Path(checkpoint), trust_pickle=trust_pickle, pipelined_stacks=PIPELINED_STACKS
+    )
 
 
 def read_args(checkpoint: str | Path, trust_pickle: bool = False) -> argparse.Namespace:

@@ -11,16 +11,21 @@ args; what maps to what is in mappings/llava.py.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
+from mappings.llava import IMAGE_TOKEN, LLAVA_ARGS, table_for
 from mappings.llava import official_dtype as llava_official_dtype
-from mappings.llava import table_for
+from mappings.megatron_args import (
+    arg,
+    check_args_against_tensors,
+    decoder_fields,
+    decoder_structure,
+    true_vocab,
+)
 from mappings.table import Table
 
-from .tokenizer_folder import TokenizerInfo
+from ..tokenizer_folder import TokenizerInfo
+from .base import CheckpointTensors, Family, record_special_tokens
 
 # examples/multimodal/config.py, --vision-model-type clip (CLIP ViT-L/14): not stored in args.
 CLIP_RECIPE = dict(hidden_size=1024, num_attention_heads=16)
@@ -28,7 +33,7 @@ VISION = "vision_model."
 PROJECTOR = "vision_projection.encoder."
 
 
-class LLaVA:
+class LLaVA(Family):
     name = "llava"
     card_title = (
         "LLaVA (CLIP ViT, MLP projector, Mistral language model; transformers' LlavaForConditionalGeneration)"
@@ -36,7 +41,9 @@ class LLaVA:
     pipeline_tag = "image-text-to-text"
     auto_class = "AutoModelForImageTextToText"
     card_tags = ()
-    image_token = "<image>"  # examples/multimodal's IMAGE_TOKEN (--special-tokens)
+    image_token = IMAGE_TOKEN
+    pipelined_stack = "language_model.decoder.layers."  # the vision tower lives on the first stage
+    hf_model_types = ("llava",)
 
     @staticmethod
     def detect(args) -> bool:
@@ -49,27 +56,17 @@ class LLaVA:
         `vision_real_heads`; the image token from the tokenizer, else from our writer's args."""
         from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig
 
-        from modeling.megatron.args import (
-            _llm_structure,
-            arg,
-            check_args_against_tensors,
-            qwen2_fields,
-            true_vocab,
-        )
-
-        from .families import CheckpointTensors, _record_special_tokens
-
         _require_recipe(args)
         tokenizer = tokenizer or TokenizerInfo()
         tensors = CheckpointTensors(ckpt) if ckpt is not None else None
-        text = qwen2_fields(args)
+        text = decoder_fields(args)
         text["head_dim"] = (
             arg(args, "kv_channels", None) or text["hidden_size"] // text["num_attention_heads"]
         )
         vit = _vision_fields(args, tensors, vision_real_heads)
         projector = _projector_fields(args, tensors)
         if tensors is not None:
-            text.update(_llm_structure(tensors, text))
+            text.update(decoder_structure(tensors, text))
             check_args_against_tensors(args, text, _VIT_ARGS, vit)
         if text.pop("tie_word_embeddings"):
             raise ValueError(
@@ -105,7 +102,7 @@ class LLaVA:
             tie_word_embeddings=False,
             architectures=["LlavaForConditionalGeneration"],
         )
-        _record_special_tokens(config.text_config, tokenizer)
+        record_special_tokens(config.text_config, tokenizer)
         return config
 
     @staticmethod
@@ -139,60 +136,8 @@ class LLaVA:
         the projector's shape and the image token id are recorded for our reader (`vision_*`,
         `projector_*`, `image_token_index`)."""
         _require_convertible(config)
-        text, vit = config.text_config, config.vision_config
-        rows = text.vocab_size
-        return argparse.Namespace(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            num_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            ffn_hidden_size=text.intermediate_size,
-            num_attention_heads=text.num_attention_heads,
-            group_query_attention=text.num_key_value_heads != text.num_attention_heads,
-            num_query_groups=text.num_key_value_heads,
-            kv_channels=text.head_dim,
-            max_position_embeddings=text.max_position_embeddings,
-            decoder_seq_length=text.max_position_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(text.rope_parameters["rope_theta"]),
-            rotary_percent=1.0,
-            use_rope_scaling=False,
-            normalization="RMSNorm",
-            norm_epsilon=text.rms_norm_eps,
-            swiglu=True,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            untie_embeddings_and_output_weights=True,
-            vocab_size=rows,
-            padded_vocab_size=-(-rows // (divisible_by * tp)) * (divisible_by * tp),
-            make_vocab_size_divisible_by=divisible_by,
-            params_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            vision_model_type="clip",
-            img_h=vit.image_size,
-            img_w=vit.image_size,
-            patch_dim=vit.patch_size,
-            disable_vision_class_token=config.vision_feature_select_strategy == "default",
-            pixel_shuffle=False,
-            use_tile_tags=False,
-            special_tokens=[LLaVA.image_token],
-            vision_num_layers=vit.num_hidden_layers,
-            vision_hidden_size=vit.hidden_size,
-            vision_ffn_hidden_size=vit.intermediate_size,
-            vision_num_attention_heads=vit.num_attention_heads,
-            vision_norm_epsilon=vit.layer_norm_eps,
-            projector_ffn_hidden_size=text.hidden_size,
-            projector_bias=config.multimodal_projector_bias,
-            image_token_index=config.image_token_index,
-        )
-
-    @staticmethod
-    def write_extras(folder: Path, config) -> None:
-        from transformers import GenerationConfig
-
-        config.save_pretrained(folder)
-        GenerationConfig.from_model_config(config).save_pretrained(folder)
+        rows = config.text_config.vocab_size
+        return LLAVA_ARGS.to_args(config, tp=tp, pp=pp, dtype=dtype, divisible_by=divisible_by, rows=rows)
 
 
 # args of our writer that state a ViT size the tensors also fix
@@ -262,8 +207,6 @@ def _vision_fields(args, tensors, heads_given: int | None) -> dict:
 
 def _norm_epsilon(args) -> float:
     """examples/multimodal builds the ViT config from the same base config: the LLM's epsilon."""
-    from modeling.megatron.args import arg
-
     return arg(args, "norm_epsilon", 1e-5)
 
 
