@@ -8,7 +8,10 @@ Shapes for the 72B release (C = 3200 real channels, 25 real + 7 dummy heads of 1
     q_norm / k_norm weight [32 * 128]
     proj.weight [C, 32 * 128]      the dummy heads' columns are zero
 The dummy heads are exactly zero, so they add nothing: their q, k, v are 0, their attention
-output is 0, and the QK-norm statistics are taken over the real channels only.
+output is 0, and the QK-norm statistics are taken over the real channels only. So the tower computes
+on the real heads alone (22% less QKV, projection and attention work) whenever the dummy heads' V rows
+or projection columns are zero; the parameters keep the release layout (state_dict and
+save_pretrained are unchanged), and a checkpoint whose dummy heads do contribute gets all 32.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class InternRMSNorm(nn.Module):
         else:
             # bf16 x float32 promotes to float32 inside the multiply (no separate upcast copy).
             normed = (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(hidden_states.dtype)
+            # QK-norm may run on the real heads only: their leading channels of the weight.
+            return normed * self.weight[: hidden_states.shape[-1]]
         return normed * self.weight
 
 
@@ -88,22 +93,63 @@ class InternAttention(nn.Module):
             self.k_norm.dummy_heads = ("norm", self.embed_dim, self.padded_dim)
 
     def _qk_norm(self, x: torch.Tensor, norm: InternRMSNorm) -> torch.Tensor:
-        # x: [B, N, heads*head_dim]. The mean of squares runs over the real channels only: the sum of
-        # squares of the real heads divided by the real width (dummy heads are zero and must not
-        # dilute it). Megatron computes the same sum across TP ranks. vector_norm reduces in float32
-        # without the pow/sum temporaries of the written-out formula.
+        # x: [B, N, heads*head_dim], heads = all 32 or the 25 real ones. The mean of squares runs over
+        # the real channels only: the sum of squares of the real heads divided by the real width (dummy
+        # heads are zero and must not dilute it). Megatron computes the same sum across TP ranks.
+        # vector_norm reduces in float32 without the pow/sum temporaries of the written-out formula.
         stat_dtype = torch.promote_types(x.dtype, torch.float32)
         real = x[..., : self.embed_dim]
         sum_sq = torch.linalg.vector_norm(real, dim=-1, keepdim=True, dtype=stat_dtype).square()
         return norm(x, variance=sum_sq / self.embed_dim)
 
+    def computed_heads(self) -> int:
+        """How many heads the forward computes: the real ones when the dummy heads provably add
+        nothing (their V rows, or their projection columns, are zero), else all of them. Checked
+        once per weight version (a host sync), not at every call. All of them, through the modules'
+        own calls, whenever a caller has replaced one of those calls on this instance (the parity
+        tools' rounding-order variants patch `_qk_norm` and the submodules' forward)."""
+        parts = [self.qkv, self.proj] + ([self.q_norm, self.k_norm] if self.qk_normalization else [])
+        if "_qk_norm" in vars(self) or any("forward" in vars(m) for m in parts):
+            return self.num_heads
+        weights = [self.qkv.weight, self.proj.weight] + ([self.qkv.bias] if self.qkv.bias is not None else [])
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if getattr(self, "_computed_heads_key", None) != key:
+            self._computed_heads = self._count_computed_heads()
+            self._computed_heads_key = key
+        return self._computed_heads
+
+    @torch.no_grad()
+    def _count_computed_heads(self) -> int:
+        real, padded = self.embed_dim, self.padded_dim
+        if real == padded or self.qkv.weight.device.type == "meta":
+            return self.num_heads
+        v_rows = self.qkv.weight[2 * padded + real :]
+        v_zero = not v_rows.count_nonzero()
+        if v_zero and self.qkv.bias is not None:
+            v_zero = not self.qkv.bias[2 * padded + real :].count_nonzero()
+        proj_zero = not self.proj.weight[:, real:].count_nonzero()
+        return self.config.num_attention_heads if (v_zero or proj_zero) else self.num_heads
+
+    def _project_qkv(self, hidden_states: torch.Tensor, width: int):
+        if width == self.padded_dim:
+            return self.qkv(hidden_states).split(self.padded_dim, dim=-1)
+        # Q, K and V of the real heads are three contiguous row blocks of qkv.weight: no copy.
+        weight, bias = self.qkv.weight, self.qkv.bias
+        blocks = []
+        for i in range(3):
+            rows = slice(i * self.padded_dim, i * self.padded_dim + width)
+            blocks.append(F.linear(hidden_states, weight[rows], None if bias is None else bias[rows]))
+        return blocks
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         B, N, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states).split(self.padded_dim, dim=-1)
+        heads = self.computed_heads()
+        width = heads * self.head_dim
+        q, k, v = self._project_qkv(hidden_states, width)
         if self.qk_normalization:
             q, k = self._qk_norm(q, self.q_norm), self._qk_norm(k, self.k_norm)
         # [B, N, H*D] -> [B, H, N, D]
-        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, N, heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
 
         if self.config._attn_implementation == "eager":
             weights = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
@@ -111,8 +157,11 @@ class InternAttention(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
-        context = context.transpose(1, 2).reshape(B, N, self.padded_dim)
-        return self.proj(context)
+        context = context.transpose(1, 2).reshape(B, N, width)
+        if width == self.padded_dim:
+            return self.proj(context)
+        # The real heads' columns of proj.weight: a strided view the matmul reads in place.
+        return F.linear(context, self.proj.weight[:, :width], self.proj.bias)
 
 
 class InternMLP(nn.Module):

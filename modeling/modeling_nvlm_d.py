@@ -9,12 +9,19 @@ release runs unchanged. Differences from the release, all deliberate:
 - `generate()` works on transformers 4.56+ and 5.x, and nothing assumes CUDA: inputs go where
   each module computes (its weights, or accelerate's hook when they are offloaded);
 - `batch_chat()` answers several questions in one padded batch;
+- greedy generation on a CUDA device decodes over a static KV cache, one CUDA graph replay per
+  token (`fast_decode=False`, or `model.fast_decode = False`, gives transformers' own loop; any
+  sampling, beam search, logits processor, padded batch or offloaded model uses it anyway);
 - the projector LayerNorm eps is read from the config (Megatron trains with 1e-6).
 """
 
 from __future__ import annotations
 
+import inspect
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -97,6 +104,8 @@ class NVLM_D_Model(PreTrainedModel):
         )
         self.img_context_token_id = config.img_context_token_id
         self.system_message = "Answer the questions."
+        self.fast_decode = True  # greedy decoding through GreedyDecoder on CUDA (see generate)
+        self._decoder = None
         self.post_init()
 
     @torch.no_grad()
@@ -232,9 +241,15 @@ class NVLM_D_Model(PreTrainedModel):
         generation_config: GenerationConfig | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        fast_decode: bool | None = None,
         **generate_kwargs,
     ):
-        """Generate from a prompt with images; returns the new tokens only (inputs are embeddings)."""
+        """Generate from a prompt with images; returns the new tokens only (inputs are embeddings).
+
+        Greedy search on a CUDA device runs GreedyDecoder (static KV cache, CUDA graph per token): the
+        same tokens as transformers' loop, without its per-token Python work. `fast_decode=False` (or
+        `self.fast_decode = False`) always takes transformers' loop; `True` also runs GreedyDecoder
+        off CUDA (eagerly, without a graph); requests it does not cover fall back by themselves."""
         device = self._input_device()
         input_ids = input_ids.to(device)
         if pixel_values is not None:
@@ -251,6 +266,11 @@ class NVLM_D_Model(PreTrainedModel):
             ).items()
             if v is not None
         }
+        fast = self.fast_decode if fast_decode is None else fast_decode
+        if fast and (fast_decode or device.type == "cuda") and not extra:
+            plan = greedy_plan(self.language_model, attention_mask, generate_kwargs)
+            if plan is not None:
+                return self._greedy_decoder(inputs_embeds, plan).generate(inputs_embeds, **plan)
         if generation_config is None:  # a GenerationConfig carries its own use_cache
             generate_kwargs.setdefault("use_cache", True)
         # transformers computes the logits of the last position only (logits_to_keep=1) at prefill.
@@ -263,6 +283,21 @@ class NVLM_D_Model(PreTrainedModel):
             **extra,
             **generate_kwargs,
         )
+
+    def _greedy_decoder(self, inputs_embeds: torch.Tensor, plan: dict) -> GreedyDecoder:
+        """The decoder for this batch size and cache length, kept between calls (its CUDA graph and
+        cache are made once; cache lengths are rounded up so that prompts of similar length share)."""
+        batch = inputs_embeds.shape[0]
+        length = -(-(inputs_embeds.shape[1] + plan["max_new_tokens"]) // 256) * 256
+        key = (batch, length, inputs_embeds.device, inputs_embeds.dtype)
+        # A CUDA graph reads the weights at the addresses it was captured with: new tensors (a
+        # load_state_dict(assign=True), a move) need a new decoder.
+        weights = tuple(p.data_ptr() for p in self.language_model.parameters())
+        if self._decoder is None or self._decoder.key != key or self._decoder.weights != weights:
+            self._decoder = None  # free the old cache and graph first
+            self._decoder = GreedyDecoder(self.language_model, key)
+            self._decoder.weights = weights
+        return self._decoder
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -360,3 +395,325 @@ class NVLM_D_Model(PreTrainedModel):
             for q, r in zip(questions, responses):
                 print(q, r)
         return responses
+
+
+# -- greedy decoding over a static cache, one CUDA graph replay per token ---------------------------
+
+# Generation settings GreedyDecoder honours; any other field that differs from transformers'
+# defaults (a logits processor, sampling, beams, stop strings...) sends generate() to transformers.
+GREEDY_FIELDS = {
+    "max_new_tokens",
+    "max_length",
+    "eos_token_id",
+    "pad_token_id",
+    "bos_token_id",
+    "use_cache",
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "typical_p",
+    "transformers_version",
+    "_from_model_config",
+    "cache_implementation",
+    "return_dict_in_generate",
+}
+
+
+# Values of generation fields that change nothing in greedy search (transformers' defaults moved
+# between None and these across versions).
+NEUTRAL_VALUES = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "num_return_sequences": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+}
+
+
+def is_neutral(field: str, value, default) -> bool:
+    return value == default or (not value and not default) or NEUTRAL_VALUES.get(field, ...) == value
+
+
+def greedy_plan(language_model: nn.Module, attention_mask, generate_kwargs: dict) -> dict | None:
+    """max_new_tokens / eos / pad of a request GreedyDecoder computes exactly as transformers' greedy
+    search would, or None when it does not cover the request."""
+    asked = generate_kwargs
+    if set(asked) - {"max_new_tokens", "do_sample", "eos_token_id", "pad_token_id", "use_cache", "num_beams"}:
+        return None
+    if asked.get("do_sample") or asked.get("num_beams", 1) != 1 or asked.get("use_cache") is False:
+        return None
+    if not isinstance(asked.get("max_new_tokens"), int) or asked["max_new_tokens"] < 1:
+        return None
+    config = language_model.generation_config
+    defaults = GenerationConfig().to_dict()
+    changed = {k for k, v in config.to_dict().items() if not is_neutral(k, v, defaults.get(k))}
+    if changed - GREEDY_FIELDS or config.do_sample or (config.num_beams or 1) != 1:
+        return None
+    if config.cache_implementation not in (None, "static", "dynamic"):
+        return None
+    if config.return_dict_in_generate:
+        return None
+    if attention_mask is not None and not bool(attention_mask.all()):  # padded rows: transformers
+        return None
+    params = list(language_model.parameters())
+    if any(p.device != params[0].device for p in params) or any(
+        getattr(m, "_hf_hook", None) is not None for m in language_model.modules()
+    ):
+        return None  # spread over devices or offloaded by accelerate
+    eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = generate_kwargs.get("pad_token_id", config.pad_token_id)
+    if pad is None and eos:
+        pad = eos[0]  # what transformers does (with a warning)
+    return {"max_new_tokens": generate_kwargs["max_new_tokens"], "eos_token_id": eos, "pad_token_id": pad}
+
+
+def static_cache(language_model: nn.Module, batch: int, length: int, device, dtype):
+    """transformers' StaticCache, built with whichever arguments this version takes."""
+    from transformers import StaticCache
+
+    accepted = inspect.signature(StaticCache.__init__).parameters
+    offered = dict(
+        config=language_model.config,
+        max_cache_len=length,
+        max_batch_size=batch,
+        batch_size=batch,
+        device=device,
+        dtype=dtype,
+    )
+    return StaticCache(**{k: v for k, v in offered.items() if k in accepted})
+
+
+class GreedyDecoder:
+    """Greedy decoding of a Qwen2ForCausalLM over a static KV cache of fixed length.
+
+    The prefill runs eagerly (transformers builds its mask). Each decode step feeds the last token at
+    a position held in a device tensor, with a 4D additive mask computed from that position (which
+    transformers takes as it is), takes the argmax on the device and moves the position on: the same
+    kernels at the same addresses every step, so on CUDA the step is captured once as a CUDA graph and
+    replayed (a few microseconds of launch instead of milliseconds of Python per token). Tokens reach
+    the host only at the end (and every 8 steps when an EOS can stop the run).
+    """
+
+    def __init__(self, language_model: nn.Module, key: tuple):
+        batch, length, device, dtype = key
+        self.key, self.lm, self.length = key, language_model, length
+        self.cache = static_cache(language_model, batch, length, device, dtype)
+        forward = inspect.signature(language_model.forward).parameters
+        self.cache_arg = "past_key_values" if "past_key_values" in forward else "cache"
+        self.takes_cache_position = "cache_position" in forward  # transformers < 5.2x
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_index = torch.arange(length, device=device)
+        self.mask = torch.zeros(batch, 1, 1, length, dtype=dtype, device=device)
+        self.masked = torch.finfo(dtype).min
+        self.graph = None
+        self.use_graph = device.type == "cuda"
+        self.capture_error = None  # why decoding runs without a graph on CUDA, if it does
+
+    def _cache_kwargs(self, cache_position: torch.Tensor) -> dict:
+        kwargs = {self.cache_arg: self.cache}
+        if self.takes_cache_position:
+            kwargs["cache_position"] = cache_position
+        return kwargs
+
+    def _reset_cache(self) -> None:
+        self.cache.reset()  # in place: the captured graph keeps its addresses
+
+    def _prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        batch, prompt = inputs_embeds.shape[:2]
+        positions = torch.arange(prompt, device=inputs_embeds.device)
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.ones(batch, prompt, dtype=torch.long, device=inputs_embeds.device),
+            position_ids=positions.expand(batch, -1),
+            use_cache=True,
+            logits_to_keep=1,
+            **self._cache_kwargs(positions),
+        )
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _step(self) -> None:
+        """One decode step on the device buffers; what the CUDA graph holds."""
+        keep = self.key_index <= self.cache_position
+        self.mask.copy_(torch.where(keep, 0.0, self.masked).to(self.mask.dtype).expand_as(self.mask))
+        with (
+            rope_without_host_sync(self.lm, active=self.use_graph),  # graphs: rope_is_static held
+            grouped_decode_attention(self.lm),
+        ):
+            out = self.lm(
+                input_ids=self.token,
+                attention_mask=self.mask,
+                position_ids=self.position,
+                use_cache=True,
+                logits_to_keep=1,
+                **self._cache_kwargs(self.cache_position),
+            )
+        self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.position.add_(1)
+        self.cache_position.add_(1)
+
+    def _capture(self, inputs_embeds: torch.Tensor) -> None:
+        """Warm the step up on a side stream, capture it, then reset the cache (the warm-up steps
+        wrote into it and moved its counters) and prefill again."""
+        if not rope_is_static(self.lm, self.length):
+            self.use_graph = False  # a RoPE that may rescale inside the cache: stay eager
+            self.capture_error = "the rotary embedding may rescale inside the cache"
+            return
+        stream = torch.cuda.Stream(device=self.token.device)
+        stream.wait_stream(torch.cuda.current_stream(self.token.device))
+        mode = torch.cuda.get_sync_debug_mode()
+        try:
+            # A step that reads a device value on the host cannot be captured, and a failed
+            # capture leaves CUDA's random generator unusable: look for such reads first.
+            torch.cuda.set_sync_debug_mode("error")
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+        except RuntimeError as error:
+            self.use_graph = False
+            self.capture_error = f"a decode step syncs with the host: {error}"[:500]
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream(self.token.device).wait_stream(stream)
+        if not self.use_graph:
+            self._reset_cache()
+            self.token.copy_(self._prefill(inputs_embeds))
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step()
+        except RuntimeError as error:  # something in this transformers version syncs with the host
+            self.use_graph = False
+            self.capture_error = f"capture failed: {error}"[:500]
+            torch.cuda.synchronize(self.token.device)
+        else:
+            self.graph = graph
+            self.rope_buffers = [b for b in self.lm.model.rotary_emb.buffers()]  # keep the captured ones
+        self._reset_cache()
+        self.token.copy_(self._prefill(inputs_embeds))
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int, eos_token_id: list, pad_token_id):
+        batch, prompt = inputs_embeds.shape[:2]
+        self._reset_cache()
+        first = self._prefill(inputs_embeds)
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=first.device)
+        out[:, :1] = first
+        self.token.copy_(first)
+        if max_new_tokens > 1 and self.use_graph and self.graph is None:
+            self._capture(inputs_embeds)
+        eos = torch.tensor(eos_token_id, dtype=torch.long, device=first.device)
+        done = torch.isin(first[:, 0], eos) if len(eos_token_id) else None
+        self.position.fill_(prompt)
+        self.cache_position.fill_(prompt)
+        steps = 1
+        for i in range(1, max_new_tokens):
+            if done is not None and i % 8 == 0 and bool(done.all()):
+                break
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            token = self.token[:, 0]
+            if done is not None:  # finished rows emit padding, as in transformers
+                token = torch.where(done, pad_token_id, token)
+                done = done | torch.isin(token, eos)
+            out[:, i] = token
+            steps = i + 1
+        out = out[:, :steps]
+        if done is not None and bool(done.all()):  # stop where the last row finished
+            finished = torch.isin(out, eos).long().argmax(-1).max()
+            out = out[:, : int(finished) + 1]
+        return out
+
+
+def rope_is_static(language_model: nn.Module, length: int) -> bool:
+    """Whether the LLM's rotary frequencies stay fixed over positions [0, length): the plain RoPE, or
+    a dynamic one whose rescaling starts past its original context (Qwen2's 32768 > length)."""
+    rotary = language_model.model.rotary_emb
+    rope_type = str(getattr(rotary, "rope_type", "default"))
+    if rope_type == "default":
+        return True
+    if "dynamic" not in rope_type or not hasattr(type(rotary).forward, "__wrapped__"):
+        return False
+    original = getattr(rotary, "original_max_seq_len", 0)
+    return length <= original and getattr(rotary, "max_seq_len_cached", original) <= original
+
+
+class rope_without_host_sync:
+    """Inside a decode step: the rotary embedding's forward without transformers' dynamic-RoPE
+    check, which reads max(position) on the host (a sync a CUDA graph cannot hold). Used only where
+    rope_is_static says the check would change nothing."""
+
+    def __init__(self, language_model: nn.Module, active: bool):
+        self.rotary = language_model.model.rotary_emb
+        self.active = active
+
+    def __enter__(self):
+        # The undecorated forward (under torch.no_grad and dynamic_rope_update in transformers);
+        # decoding already runs without gradients.
+        if self.active:
+            self.rotary.forward = types.MethodType(inspect.unwrap(type(self.rotary).forward), self.rotary)
+        return self
+
+    def __exit__(self, *exc):
+        self.rotary.__dict__.pop("forward", None)
+        return False
+
+
+GROUPED_DECODE = "nvlm_grouped_decode_sdpa"
+
+
+def grouped_decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for a one-token decode step over grouped KV heads without expanding the cache: the query
+    heads that share a KV head become rows of one query block ([B, H, 1, D] -> [B, G, H/G, D]), which
+    is the same softmax(q k^T) v per query head. transformers' SDPA path instead copies K and V to
+    all H heads when it is given a mask (as with a static cache): 2 x the cache, every layer, every
+    token."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    batch, heads, q_len, dim = query.shape
+    groups = key.shape[1]
+    if q_len != 1 or module.training or heads % groups:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = query.reshape(batch, groups, heads // groups, dim)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+class grouped_decode_attention:
+    """Inside a decode step of an SDPA model: grouped_decode_sdpa as its attention function."""
+
+    def __init__(self, language_model: nn.Module):
+        self.config = language_model.config
+        self.previous = self.config._attn_implementation
+        self.active = self.previous == "sdpa" and register_grouped_decode()
+
+    def __enter__(self):
+        if self.active:
+            self.config._attn_implementation = GROUPED_DECODE
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.config._attn_implementation = self.previous
+        return False
+
+
+def register_grouped_decode() -> bool:
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # an older transformers: its own SDPA path
+        return False
+    AttentionInterface.register(GROUPED_DECODE, grouped_decode_sdpa)
+    return True

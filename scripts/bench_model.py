@@ -1,21 +1,29 @@
-"""Prefill and decode speed of the NVLM_D class on one card, next to its floor and the release's eager path.
+"""Prefill and decode speed of the NVLM_D class on one card, beside the published code and the floor.
 
-Issue 8 part 3. In one run on one device:
+Issues 8 (part 3) and 17. In one run on one device:
 1. the floor: the card's measured bf16 matmul rate (8192^3, CUDA events) and memory bandwidth (a large
-   device copy, bytes read + written over time); prefill FLOPs of the slice for the prompt (2 x the
-   linear weights each token passes through, plus attention scores and context) over the rate, and
-   decode bytes (LLM layers + final norm + lm_head + one embedding row) over the bandwidth;
-2. a full-width slice of a preset (default `nvlm-d-72b` with 4 LLM + 4 ViT layers, real widths and
-   vocab) with seeded random weights built directly on the device, and a 7-tile image prompt (a 3:2
-   picture: 6 tiles + thumbnail) in the published chat format;
-3. time to first token (`generate(max_new_tokens=1)`) and decode tokens/s (64 new tokens, KV cache,
-   greedy: (t64 - t1) / 63) for our default path and for the release's formulation (see
-   `release_formulation`), medians of several runs after warm-up, on the same weights;
-4. the outputs of both: greedy tokens (first divergence), and the logits of both over the prompt plus
-   our continuation (teacher forcing): max abs diff, top-1 agreement.
+   device copy, bytes read + written over time); prefill FLOPs that matter for the prompt (2 x the
+   linear weights each token passes through, over the ViT's real heads only, plus attention scores
+   and context, logits of the last position) over the rate, and decode bytes (LLM layers + final norm
+   + lm_head + one embedding row) over the bandwidth;
+2. for each depth (default 4 LLM + 4 ViT layers and 40 + 45: the whole tower, and as many LLM layers
+   as one H200 holds with the cache), a full-width slice of a preset (default `nvlm-d-72b`) with
+   seeded random weights built on the device, and a 7-tile image prompt (a 3:2 picture: 6 tiles +
+   thumbnail) in the published chat format;
+3. time to first token (`generate(max_new_tokens=1)`) and decode ((t64 - t1) / 63, greedy) of: ours
+   as it is (on CUDA: static cache + CUDA graph per token), ours through transformers' own loop
+   (`fast_decode=False`), and with `--release-code DIR` the published remote code (its
+   modeling_nvlm_d.py and siblings, imported from DIR) on the very same weight tensors;
+   medians of several runs after warm-up; a prefill breakdown (ViT + projector, LLM);
+4. the outputs: greedy tokens of every path against ours; bf16 logits of ours and the published code
+   over the prompt plus our continuation (teacher forcing); and (on by default) an fp32 check on a
+   short prompt: the greedy tokens of every path against ours through transformers' loop in fp32.
 
-    PYTHONPATH=$PWD python3 scripts/bench_model.py --json bench_model.json         # one H100/H200
-    PYTHONPATH=$PWD python3 scripts/bench_model.py --device cpu --preset tiny --dtype fp32  # smoke run
+    PYTHONPATH=$PWD python3 scripts/bench_model.py --release-code .device/torch_ref_model --json out.json
+    PYTHONPATH=$PWD python3 scripts/bench_model.py --device cpu --preset tiny --dtype fp32 --depths 2+2
+
+The published code is imported as it is; what it needs from a newer transformers is shimmed here at
+load time (see `load_release_code` and `build_release_model`), never by editing its files.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
+import importlib
+import importlib.util
 import json
 import math
 import statistics
@@ -41,13 +52,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from modeling import NVLM_D_Model, build_prompt, get_config  # noqa: E402
-from modeling.modeling_intern_vit import InternAttention, InternRMSNorm  # noqa: E402
 from modeling.processing_nvlm_d import IMG_CONTEXT_TOKEN, image_to_pixel_values  # noqa: E402
 
 TINY_TOKENIZER = REPO / "tests" / "fixtures" / "tiny-tokenizer"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUESTION = "Describe the image in detail."  # + the chat format and tile tags: 60 text tokens (Qwen2)
 GRID = (3, 2)  # columns x rows of tiles: 6 tiles + the thumbnail = 7
+RELEASE_FILES = (
+    "configuration_intern_vit.py",
+    "configuration_nvlm_d.py",
+    "conversation.py",
+    "modeling_intern_vit.py",
+    "modeling_nvlm_d.py",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,47 +72,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     transformers.logging.set_verbosity_error()
+    release = load_release_code(args.release_code) if args.release_code else None
     clock = Clock(device)
     report = header(args, device, sys.argv[1:] if argv is None else argv)
     log(f"{report['card']}, torch {report['torch']}, transformers {report['transformers']}")
-
     report["floor"] = measure_floor(device, dtype, clock, quick=args.quick_floor)
     log(f"floor: {report['floor']['matmul_tflops']:.1f} TFLOP/s, {report['floor']['bandwidth_tbs']:.3f} TB/s")
-    model = build_model(args.preset, args.llm_layers, args.vit_layers, device, dtype, args.seed)
-    inputs = make_inputs(model, args.tokenizer, device)
-    report["model"] = describe(model, inputs)
-    report["counts"] = counts(model, inputs, args.new_tokens)
-    write_json(args.json, report)
-    described = report["model"]
-    log(
-        f"model: {described['parameters'] / 1e9:.3g} B parameters; prompt {described['prompt_tokens']} tokens"
-    )
 
-    paths = {"ours": default_path, "eager": release_formulation}
-    if args.static_cache:
-        paths["ours+static"] = static_cache
-    report["paths"], tokens = {}, {}
-    for name, formulation in paths.items():
-        try:
-            with formulation(model) as gen_kwargs:
-                result = time_generation(model, inputs, gen_kwargs, args, clock)
-        except Exception as error:  # an optional variant must not cost the other results
-            if name in ("ours", "eager"):
-                raise
-            report["paths"][name] = {"error": f"{type(error).__name__}: {error}"}
-            continue
-        tokens[name] = result.pop("tokens")
-        report["paths"][name] = add_floor_ratios(result, report, name)
+    report["depths"] = []
+    for llm_layers, vit_layers in args.depths:
+        result = bench_depth(args, llm_layers, vit_layers, release, device, dtype, clock, report, log)
+        report["depths"].append(result)
         write_json(args.json, report)
-        log(
-            f"{name}: prefill {result['prefill_s'] * 1e3:.2f} ms, decode "
-            f"{result['decode_s_per_token'] * 1e3:.3f} ms/token (warm-up {result['warmup_s']:.1f} s)"
-        )
-
-    report["outputs"] = compare_outputs(model, inputs, tokens, args.new_tokens)
-    if args.profile:
-        args.profile.write_text(profile_paths(model, inputs, paths, args.new_tokens, device))
-        log(f"profiles written to {args.profile}")
+    if args.fp32_check:
+        report["fp32_check"] = fp32_check(args, release, device, log)
     report["wall_s"] = log.elapsed()
     write_json(args.json, report)
     print_table(report)
@@ -115,11 +105,31 @@ class Log:
         print(f"[{self.elapsed():7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
+def depth_list(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(n) for n in part.split("+")) for part in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected LLM+ViT layer pairs such as 4+4,40+45, got {text!r}")
+    return pairs
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="nvlm-d-72b", help="modeling.presets name (default nvlm-d-72b)")
-    parser.add_argument("--llm-layers", type=int, default=4)
-    parser.add_argument("--vit-layers", type=int, default=4)
+    parser.add_argument(
+        "--depths",
+        type=depth_list,
+        default=depth_list("4+4,40+45"),
+        help="LLM+ViT layer counts, comma-separated (default 4+4,40+45)",
+    )
+    parser.add_argument(
+        "--release-code",
+        type=Path,
+        help="a folder holding the published NVLM-D remote code (modeling_nvlm_d.py, "
+        "modeling_intern_vit.py, their configuration files and conversation.py): timed beside ours",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument(
@@ -135,20 +145,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--static-cache",
         action="store_true",
-        help="also time ours with cache_implementation='static' (transformers then compiles the decode "
-        "step with torch.compile on CUDA; minutes of compilation, off by default)",
+        help="also time ours through transformers' loop with cache_implementation='static' (which "
+        "compiles the decode step with torch.compile on CUDA: minutes, off by default)",
+    )
+    parser.add_argument(
+        "--no-fp32-check",
+        dest="fp32_check",
+        action="store_false",
+        help="skip the fp32 greedy-token check of every path (a short prompt at the first depth)",
     )
     parser.add_argument("--quick-floor", action="store_true", help="small floor measurements (smoke runs)")
     parser.add_argument(
         "--profile",
         type=Path,
-        help="after the timings, profile one prefill and one generation of each path and write the "
-        "busiest kernels here (text)",
+        help="after the timings of each depth, profile one generation of ours and of the published "
+        "code and write the busiest kernels here (text)",
     )
     parser.add_argument("--json", type=Path, help="write the raw results here (rewritten after each stage)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode speed is (t(n) - t(1)) / (n - 1))")
+    if args.release_code is not None:
+        missing = [n for n in RELEASE_FILES if not (args.release_code / n).is_file()]
+        if missing:
+            parser.exit(
+                2, f"{args.release_code}: not the published NVLM-D code: {', '.join(missing)} missing\n"
+            )
     return args
 
 
@@ -272,12 +294,13 @@ def load_tokenizer(folder: Path | None):
     )
 
 
-def make_inputs(model: NVLM_D_Model, tokenizer_dir: Path | None, device: torch.device) -> dict:
-    """pixel_values of a 3:2 picture (6 tiles + thumbnail) and the chat prompt's ids, on the device."""
+def make_inputs(model: NVLM_D_Model, tokenizer_dir: Path | None, device: torch.device, grid=GRID) -> dict:
+    """pixel_values of a picture of `grid` tiles (+ thumbnail when more than one) and the chat
+    prompt's ids, on the device; pixel_values in the model's dtype, as the release's users pass them."""
     config = model.config
     size = config.image_size
     pixel_values = image_to_pixel_values(
-        synthetic_image(GRID[0] * size, GRID[1] * size),
+        synthetic_image(grid[0] * size, grid[1] * size),
         image_size=size,
         max_num=config.max_dynamic_patch,
         use_thumbnail=config.use_thumbnail,
@@ -293,8 +316,9 @@ def make_inputs(model: NVLM_D_Model, tokenizer_dir: Path | None, device: torch.d
     vocab = config.llm_config.vocab_size
     if image_tokens != tiles * config.num_image_token or int(input_ids.max()) >= vocab:
         raise RuntimeError(f"bad prompt: {image_tokens} image tokens, largest id {int(input_ids.max())}")
+    dtype = next(model.parameters()).dtype
     return {
-        "pixel_values": pixel_values.to(device),
+        "pixel_values": pixel_values.to(device, dtype),
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids, device=device),
     }
@@ -328,20 +352,23 @@ def linear_weights(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def prefill_flops(model: NVLM_D_Model, tiles: int, seq_len: int, logit_positions: int) -> dict[str, int]:
-    """Matmul FLOPs of one prefill: 2 per weight per token through every linear layer (the ViT's dummy
-    heads included: they are computed), plus attention scores and context (causal in the LLM)."""
+def prefill_flops(model: NVLM_D_Model, tiles: int, seq_len: int, logit_positions: int = 1) -> dict[str, int]:
+    """Matmul FLOPs that matter in one prefill: 2 per weight per token through every linear layer
+    (the ViT's over its real heads: the dummy heads are zero), plus attention scores and context
+    (causal in the LLM), and the logits of `logit_positions` positions."""
     vit, llm = model.config.vision_config, model.config.llm_config
     patches = (vit.image_size // vit.patch_size) ** 2
     vit_tokens = patches + 1  # class token
-    padded_width = vit.num_padded_heads * vit.head_dim
+    real_width = vit.num_attention_heads * vit.head_dim
+    dummy_width = vit.num_dummy_heads * vit.head_dim
+    dummy_weights = 4 * dummy_width * vit.hidden_size * vit.num_hidden_layers  # qkv rows + proj columns
     image_tokens = tiles * model.num_image_token
     attn_width = llm.num_attention_heads * llm_head_dim(llm)
     patch_weights = model.vision_model.embeddings.patch_embedding.weight.numel()
     return {
         "vit_patch_embedding": 2 * tiles * patches * patch_weights,
-        "vit_linear": 2 * tiles * vit_tokens * linear_weights(model.vision_model.encoder),
-        "vit_attention": 4 * tiles * vit_tokens**2 * padded_width * vit.num_hidden_layers,
+        "vit_linear": 2 * tiles * vit_tokens * (linear_weights(model.vision_model.encoder) - dummy_weights),
+        "vit_attention": 4 * tiles * vit_tokens**2 * real_width * vit.num_hidden_layers,
         "projector": 2 * image_tokens * linear_weights(model.mlp1),
         "llm_linear": 2 * seq_len * linear_weights(model.language_model.model.layers),
         "llm_attention": 2 * seq_len * (seq_len + 1) * attn_width * llm.num_hidden_layers,
@@ -371,125 +398,125 @@ def llm_head_dim(llm) -> int:
     return getattr(llm, "head_dim", None) or llm.hidden_size // llm.num_attention_heads
 
 
-def counts(model: NVLM_D_Model, inputs: dict, new_tokens: int) -> dict:
+def counts(model: NVLM_D_Model, inputs: dict, new_tokens: int, floor: dict) -> dict:
     tiles, seq_len = int(inputs["pixel_values"].shape[0]), int(inputs["input_ids"].shape[1])
+    flops = prefill_flops(model, tiles, seq_len)
     weights = decode_bytes(model)
+    rate, bandwidth = floor["matmul_tflops"] * 1e12, floor["bandwidth_tbs"] * 1e12
+    vit = flops["vit_patch_embedding"] + flops["vit_linear"] + flops["vit_attention"] + flops["projector"]
     return {
-        "prefill_flops": {
-            "ours": prefill_flops(model, tiles, seq_len, logit_positions=1),
-            "eager": prefill_flops(model, tiles, seq_len, logit_positions=seq_len),
-        },
+        "prefill_flops": flops,
+        "prefill_floor_s": sum(flops.values()) / rate,
+        "vit_and_projector_floor_s": vit / rate,
+        "llm_prefill_floor_s": (sum(flops.values()) - vit) / rate,
         "decode_weight_bytes": weights,
+        "decode_floor_s_per_token": sum(weights.values()) / bandwidth,
         "decode_kv_bytes_mid": kv_cache_bytes(model, seq_len + new_tokens // 2),  # not in the floor
     }
 
 
-def add_floor_ratios(result: dict, report: dict, path: str) -> dict:
-    floor = report["floor"]
-    flops = sum(report["counts"]["prefill_flops"]["eager" if path == "eager" else "ours"].values())
-    weight_bytes = sum(report["counts"]["decode_weight_bytes"].values())
-    result["prefill_flops"] = flops
-    result["prefill_floor_s"] = flops / (floor["matmul_tflops"] * 1e12)
-    result["prefill_x_floor"] = result["prefill_s"] / result["prefill_floor_s"]
-    result["decode_floor_s_per_token"] = weight_bytes / (floor["bandwidth_tbs"] * 1e12)
-    result["decode_x_floor"] = result["decode_s_per_token"] / result["decode_floor_s_per_token"]
-    return result
+# -- the published code --------------------------------------------------------------------------------
 
 
-# -- the two formulations ----------------------------------------------------------------------------------
+def load_release_code(folder: Path) -> types.ModuleType:
+    """The published modeling_nvlm_d.py, imported from `folder` as the package `nvlm_release_code`
+    (its files import each other relatively). Shim: its modeling_intern_vit.py imports timm's DropPath
+    and einops' rearrange at the top but uses neither at drop-path rate 0 without flash attention;
+    where those packages are missing, stand-ins that refuse to be used take their place."""
+    missing_stand_ins = {
+        "timm": {"timm.models": {}, "timm.models.layers": {"DropPath": _unavailable("timm.DropPath")}},
+        "einops": {"einops": {"rearrange": _unavailable("einops.rearrange")}},
+    }
+    for package, modules in missing_stand_ins.items():
+        if package not in sys.modules and importlib.util.find_spec(package) is None:
+            sys.modules.setdefault(package, types.ModuleType(package))
+            for name, attrs in modules.items():
+                module = sys.modules.setdefault(name, types.ModuleType(name))
+                for attr, value in attrs.items():
+                    setattr(module, attr, value)
+    name = "nvlm_release_code"
+    package = types.ModuleType(name)
+    package.__path__ = [str(folder.resolve())]
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.modeling_nvlm_d")
 
 
-def plain_rms_norm(self: InternRMSNorm, hidden_states: torch.Tensor, variance=None) -> torch.Tensor:
-    """The release's InternRMSNorm: an explicit float32 chain."""
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    if variance is None:
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-    return hidden_states.to(input_dtype) * self.weight
+def _unavailable(what: str):
+    class Unavailable:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError(f"{what} is not installed (stand-in of bench_model.py)")
+
+    return Unavailable
 
 
-def naive_vit_attention(self: InternAttention, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The release's naive attention: explicit softmax(q k^T) v over all 32 heads, plain QK-norm chain."""
-    B, N, _ = hidden_states.shape
-    q, k, v = self.qkv(hidden_states).split(self.padded_dim, dim=-1)
-    if self.qk_normalization:
-        real = self.embed_dim
-        q = self.q_norm(q, variance=q[..., :real].float().pow(2).sum(-1, keepdim=True) / real)
-        k = self.k_norm(k, variance=k[..., :real].float().pow(2).sum(-1, keepdim=True) / real)
-    q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-    weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    context = (weights @ v).transpose(1, 2).reshape(B, N, self.padded_dim)
-    return self.proj(context)
+def build_release_model(release: types.ModuleType, ours: NVLM_D_Model) -> nn.Module:
+    """The published NVLM_D_Model with our model's parameter tensors themselves (the release layout
+    is ours: the same names and shapes; no copy, no second set of weights in memory).
+
+    Built with its parameters on the meta device (accelerate's init_empty_weights), then given ours
+    with load_state_dict(assign=True); its buffers (the LLM's RoPE frequencies) go to our device.
+    Shim for transformers 5.x: the published generate() hands `return_dict` and `output_hidden_states`
+    (None by default) on to transformers' generate, which 5.x passes to the model's forward beside
+    its own `return_dict`: a TypeError ("got multiple values for keyword argument 'return_dict'").
+    A wrapper on that one instance's language_model.generate drops the two when they are None."""
+    from accelerate import init_empty_weights
+
+    config = release.NVLM_D_Config(**ours.config.to_dict())
+    with init_empty_weights(include_buffers=False):
+        theirs = release.NVLM_D_Model(config)
+    theirs.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    device = next(ours.parameters()).device
+    theirs.to(device).eval()
+    theirs.img_context_token_id = ours.config.img_context_token_id
+    lm = theirs.language_model
+    plain_generate = lm.generate
+
+    def generate(*args, **kwargs):
+        for key in ("return_dict", "output_hidden_states"):
+            if kwargs.get(key, 0) is None:
+                kwargs.pop(key)
+        return plain_generate(*args, **kwargs)
+
+    lm.generate = generate
+    return theirs
 
 
-@contextlib.contextmanager
-def release_formulation(model: NVLM_D_Model):
-    """What the published remote code computes, on our weights: the plain float32 RMSNorm chain and
-    naive attention in the ViT, eager attention in Qwen2, and logits at every prompt position upcast
-    to float32 (as transformers 4.x's Qwen2 did). Yields the generate() kwargs of that path."""
-    patched = [m for m in model.vision_model.modules() if isinstance(m, (InternRMSNorm, InternAttention))]
-    for module in patched:
-        forward = plain_rms_norm if isinstance(module, InternRMSNorm) else naive_vit_attention
-        module.forward = types.MethodType(forward, module)
-    previous = model.language_model.config._attn_implementation
-    model.language_model.set_attn_implementation("eager")
-    upcast = model.language_model.lm_head.register_forward_hook(lambda module, args, out: out.float())
-    try:
-        yield {"logits_to_keep": 0}
-    finally:
-        upcast.remove()
-        model.language_model.set_attn_implementation(previous)
-        for module in patched:
-            del module.forward
+# -- the paths timed ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def default_path(model: NVLM_D_Model):
-    """The model class as it is (SDPA in both towers, last-position logits in generate)."""
-    yield {}
-
-
-@contextlib.contextmanager
-def static_cache(model: NVLM_D_Model):
-    """Ours with transformers' static KV cache (on CUDA transformers compiles the decode step)."""
-    yield {"cache_implementation": "static"}
-
-
-# -- measuring -------------------------------------------------------------------------------------------
-
-
-def greedy(model: NVLM_D_Model, inputs: dict, new_tokens: int, gen_kwargs: dict) -> torch.Tensor:
-    """Exactly `new_tokens` greedy tokens: EOS off, random weights must not stop a run early."""
+def generation_paths(model: NVLM_D_Model, theirs: nn.Module | None, args) -> dict:
+    """name -> function(inputs, new_tokens) giving exactly `new_tokens` greedy tokens (EOS off)."""
     pad = model.config.llm_config.bos_token_id  # <|endoftext|>, the release's pad token
-    return model.generate(
-        **inputs,
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=pad,
-        **gen_kwargs,
-    )
+    greedy = dict(do_sample=False, eos_token_id=None, pad_token_id=pad)
+
+    def ours(fast, **extra):
+        return lambda inputs, n: model.generate(
+            **inputs, max_new_tokens=n, fast_decode=fast, **greedy, **extra
+        )
+
+    paths = {"ours": ours(None), "ours, transformers loop": ours(False)}
+    if args.static_cache:
+        paths["ours, transformers static+compile"] = ours(False, cache_implementation="static")
+    if theirs is not None:
+        paths["published code"] = lambda inputs, n: theirs.generate(**inputs, max_new_tokens=n, **greedy)
+    return paths
 
 
-def time_generation(model: NVLM_D_Model, inputs: dict, gen_kwargs: dict, args, clock: Clock) -> dict:
+def time_generation(generate, inputs: dict, args, clock: Clock) -> dict:
     """Median time to first token and median time of `new_tokens` tokens; decode = the difference."""
-
-    def generate(n: int) -> torch.Tensor:
-        return greedy(model, inputs, n, gen_kwargs)
-
     start = time.perf_counter()
     for _ in range(args.warmup):
-        generate(1)
-    generate(args.new_tokens)
+        generate(inputs, 1)
+    generate(inputs, args.new_tokens)
     warmup_s = time.perf_counter() - start
 
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    first = [clock(lambda: generate(1))[0] for _ in range(args.repeats)]
+    first = [clock(lambda: generate(inputs, 1))[0] for _ in range(args.repeats)]
     full, tokens = [], None
     for _ in range(args.repeats):
-        seconds, tokens = clock(lambda: generate(args.new_tokens))
+        seconds, tokens = clock(lambda: generate(inputs, args.new_tokens))
         full.append(seconds)
     if tokens.shape != (1, args.new_tokens):
         raise RuntimeError(f"generate() gave {tuple(tokens.shape)} tokens, expected (1, {args.new_tokens})")
@@ -504,71 +531,202 @@ def time_generation(model: NVLM_D_Model, inputs: dict, gen_kwargs: dict, args, c
         # None: the timing noise exceeded the decode time (a busy CPU, too few repeats)
         "decode_tokens_per_s": 1 / per_token if per_token > 0 else None,
         "warmup_s": warmup_s,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "tokens": tokens[0].tolist(),
     }
 
 
 @torch.no_grad()
-def compare_outputs(model: NVLM_D_Model, inputs: dict, tokens: dict[str, list[int]], new_tokens: int) -> dict:
-    """Greedy tokens of every path against ours, and the logits of ours and the release's formulation
-    over the prompt's last position plus our continuation (teacher forcing, so one early flip of a
-    near tie does not hide how close the rest is)."""
-    ours = tokens["ours"]
-    greedy = {}
+def prefill_stages(model: NVLM_D_Model, theirs, inputs: dict, clock: Clock, repeats: int) -> dict:
+    """Medians of the ViT + projector alone (ours on the real heads, ours on all 32, the published
+    code's extract_feature) and of our LLM prefill alone (embeddings in, last-position logits out)."""
+    pixels, ids = inputs["pixel_values"], inputs["input_ids"]
+    embeds = model.embed_inputs(ids, pixels)
+
+    def median(fn):
+        fn()
+        return statistics.median(clock(fn)[0] for _ in range(repeats))
+
+    attentions = [layer.attn for layer in model.vision_model.encoder.layers]
+    stages = {"ours_vit_and_projector_s": median(lambda: model.extract_feature(pixels))}
+    for attn in attentions:  # the lever measured: the same tower computing all 32 heads
+        attn.computed_heads = types.MethodType(lambda self: self.num_heads, attn)
+    try:
+        stages["ours_vit_and_projector_all_heads_s"] = median(lambda: model.extract_feature(pixels))
+    finally:
+        for attn in attentions:
+            del attn.computed_heads
+    stages |= {
+        "ours_llm_prefill_s": median(lambda: model.language_model(inputs_embeds=embeds, logits_to_keep=1)),
+    }
+    if theirs is not None:
+        stages["published_vit_and_projector_s"] = median(lambda: theirs.extract_feature(pixels))
+    return stages
+
+
+@torch.no_grad()
+def teacher_forced_logits(model: NVLM_D_Model, theirs, inputs: dict, continuation: list[int]) -> dict:
+    """Logits of the prompt's last position and of our continuation, from ours and (if given) from
+    the published code's own ViT, projector and language model on the same ids."""
+    device = inputs["input_ids"].device
+    ids = torch.cat([inputs["input_ids"], torch.tensor([continuation[:-1]], device=device)], dim=1)
+    keep = len(continuation)
+    logits = {"ours": model(pixel_values=inputs["pixel_values"], input_ids=ids, logits_to_keep=keep).logits}
+    if theirs is not None:
+        features = theirs.extract_feature(inputs["pixel_values"])
+        embeds = theirs.language_model.get_input_embeddings()(ids)
+        selected = (ids == model.config.img_context_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(selected, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        out = theirs.language_model(inputs_embeds=embeds, logits_to_keep=keep)
+        logits["published code"] = out.logits
+    return {name: t[0].float() for name, t in logits.items()}
+
+
+def compare_tokens(tokens: dict[str, list[int]], reference: str) -> dict:
+    ref = tokens[reference]
+    result = {}
     for name, other in tokens.items():
-        if name == "ours":
+        if name == reference:
             continue
-        diverge = next((i for i, (a, b) in enumerate(zip(ours, other)) if a != b), None)
-        greedy[name] = {
-            "identical": diverge is None,
+        diverge = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), None)
+        result[name] = {
+            "identical": diverge is None and len(ref) == len(other),
             "first_divergence": diverge,
-            "ours_token": None if diverge is None else ours[diverge],
+            "reference_token": None if diverge is None else ref[diverge],
             "their_token": None if diverge is None else other[diverge],
         }
+    return result
 
-    device = inputs["input_ids"].device
-    ids = torch.cat([inputs["input_ids"], torch.tensor([ours[:-1]], device=device)], dim=1)
-    forward = dict(pixel_values=inputs["pixel_values"], input_ids=ids, logits_to_keep=new_tokens)
-    logits = {}
-    for name, formulation in (("ours", default_path), ("eager", release_formulation)):
-        with formulation(model):
-            logits[name] = model(**forward).logits[0].float()
-    a, b = logits["ours"], logits["eager"]
+
+def compare_logits(logits: dict) -> dict | None:
+    if "published code" not in logits:
+        return None
+    a, b = logits["ours"], logits["published code"]
     diff = (a - b).abs()
     return {
-        "greedy_vs_ours": greedy,
-        "teacher_forced_positions": new_tokens,
-        "logits_max_abs_diff": diff.max().item(),
-        "logits_mean_abs_diff": diff.mean().item(),
-        "prefill_logits_max_abs_diff": diff[0].max().item(),
-        "logits_max_abs": a.abs().max().item(),
+        "positions": a.shape[0],
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "prefill_position_max_abs_diff": diff[0].max().item(),
+        "max_abs_logit": a.abs().max().item(),
         "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
-        "ours_greedy_is_own_argmax": a.argmax(-1).tolist() == ours,
     }
 
 
-def profile_paths(model: NVLM_D_Model, inputs: dict, paths: dict, new_tokens: int, device) -> str:
-    """torch.profiler tables (busiest kernels first) of one prefill and one whole generation per path."""
+def bench_depth(args, llm_layers, vit_layers, release, device, dtype, clock, report, log) -> dict:
+    model = build_model(args.preset, llm_layers, vit_layers, device, dtype, args.seed)
+    theirs = build_release_model(release, model) if release is not None else None
+    inputs = make_inputs(model, args.tokenizer, device)
+    result = {
+        "model": describe(model, inputs),
+        "counts": counts(model, inputs, args.new_tokens, report["floor"]),
+    }
+    described = result["model"]
+    log(
+        f"{llm_layers}+{vit_layers} layers: {described['parameters'] / 1e9:.3g} B parameters; "
+        f"prompt {described['prompt_tokens']} tokens"
+    )
+    paths = generation_paths(model, theirs, args)
+    result["paths"], tokens = {}, {}
+    for name, generate in paths.items():
+        try:
+            timed = time_generation(generate, inputs, args, clock)
+        except Exception as error:  # one path failing must not cost the others' results
+            result["paths"][name] = {"error": f"{type(error).__name__}: {error}"}
+            log(f"  {name}: failed: {type(error).__name__}: {error}")
+            continue
+        tokens[name] = timed.pop("tokens")
+        if name == "ours":
+            timed["decode_path"] = decode_path(model)
+        counted = result["counts"]
+        timed["prefill_x_floor"] = timed["prefill_s"] / counted["prefill_floor_s"]
+        timed["decode_x_floor"] = timed["decode_s_per_token"] / counted["decode_floor_s_per_token"]
+        result["paths"][name] = timed
+        log(
+            f"  {name}: prefill {timed['prefill_s'] * 1e3:.2f} ms, decode "
+            f"{timed['decode_s_per_token'] * 1e3:.3f} ms/token (warm-up {timed['warmup_s']:.1f} s)"
+        )
+    result["stages"] = prefill_stages(model, theirs, inputs, clock, args.repeats)
+    reference = "ours" if "ours" in tokens else next(iter(tokens))
+    result["greedy_vs_ours"] = compare_tokens(tokens, reference)
+    logits = teacher_forced_logits(model, theirs, inputs, tokens[reference])
+    result["logits_vs_published"] = compare_logits(logits)
+    if args.profile:
+        with args.profile.open("a") as out:
+            out.write(profile_paths(paths, inputs, args.new_tokens, device, f"{llm_layers}+{vit_layers}"))
+        log(f"  profiles appended to {args.profile}")
+    del model, theirs, paths, logits
+    free_memory(device)
+    return result
+
+
+def decode_path(model: NVLM_D_Model) -> str:
+    """Which decode loop ran: GreedyDecoder with a CUDA graph, GreedyDecoder eagerly, or transformers'."""
+    decoder = model._decoder
+    if decoder is None:
+        return "transformers' loop"
+    if decoder.graph is not None:
+        return "static cache + CUDA graph"
+    return f"static cache, eager steps ({decoder.capture_error or 'no graph off CUDA'})"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fp32_check(args, release, device, log) -> dict:
+    """Greedy tokens of every path in fp32 on a one-tile prompt, against ours through transformers'
+    loop (the reference), at the first depth."""
+    llm_layers, vit_layers = args.depths[0]
+    model = build_model(args.preset, llm_layers, vit_layers, device, torch.float32, args.seed + 1)
+    theirs = build_release_model(release, model) if release is not None else None
+    inputs = make_inputs(model, args.tokenizer, device, grid=(1, 1))
+    new_tokens = min(args.new_tokens, 16)
+    tokens = {}
+    for name, generate in generation_paths(model, theirs, args).items():
+        try:
+            tokens[name] = generate(inputs, new_tokens)[0].tolist()
+        except Exception as error:
+            tokens[name] = f"{type(error).__name__}: {error}"
+    usable = {k: v for k, v in tokens.items() if isinstance(v, list)}
+    result = {
+        "depth": f"{llm_layers}+{vit_layers}",
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "new_tokens": new_tokens,
+        "tokens": tokens,
+        "vs_reference": compare_tokens(usable, "ours, transformers loop"),
+    }
+    same = all(c["identical"] for c in result["vs_reference"].values())
+    log(
+        f"fp32 check ({result['depth']}, {result['prompt_tokens']}-token prompt): all paths identical: {same}"
+    )
+    del model, theirs
+    free_memory(device)
+    return result
+
+
+def profile_paths(paths: dict, inputs: dict, new_tokens: int, device, label: str) -> str:
+    """torch.profiler tables (busiest kernels first) of one whole generation of ours and of the
+    published code."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     sections = []
-    for name, formulation in paths.items():
+    for name in ("ours", "published code"):
+        if name not in paths:
+            continue
         for n in (1, new_tokens):
-            try:
-                with formulation(model) as gen_kwargs, profile(activities=activities) as prof:
-                    greedy(model, inputs, n, gen_kwargs)
-                    if cuda:
-                        torch.cuda.synchronize()
-            except Exception as error:
-                sections.append(f"== {name}, {n} new token(s): failed: {type(error).__name__}: {error}")
-                continue
-            table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
-            sections.append(f"== {name}, {n} new token(s)\n{table}")
-    return "\n\n".join(sections) + "\n"
+            with profile(activities=activities) as prof:
+                paths[name](inputs, n)
+                if cuda:
+                    torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+            sections.append(f"== {label} layers, {name}, {n} new token(s)\n{table}")
+    return "\n\n".join(sections) + "\n\n"
 
 
 # -- output ------------------------------------------------------------------------------------------
@@ -583,61 +741,100 @@ def write_json(path: Path | None, report: dict) -> None:
 
 
 def print_table(report: dict) -> None:
-    model, floor, out = report["model"], report["floor"], report["outputs"]
-    dims = model["preset_dims"]
-    print(
-        f"\n{report['args']['preset']} slice: {dims['llm_layers']} LLM + {dims['vit_layers']} ViT layers, "
-        f"{model['parameters'] / 1e9:.3g} B parameters, {model['dtype']}, on {report['card']}"
-    )
-    print(f"torch {report['torch']}, transformers {report['transformers']}, {report['date']}")
-    print(
-        f"prompt: {model['tiles']} tiles, {model['image_tokens']} image + {model['text_tokens']} text = "
-        f"{model['prompt_tokens']} tokens; {report['args']['new_tokens']} new tokens, greedy"
-    )
+    floor = report["floor"]
     mm = floor["matmul"]
+    print(f"\n{report['args']['preset']} slices, {report['card']}")
+    print(f"torch {report['torch']}, transformers {report['transformers']}, {report['date']}")
     print(
         f"floor: matmul {mm['m=n=k']}^3 {mm['dtype']} {floor['matmul_tflops']:.1f} TFLOP/s (best batch; "
         f"median {floor['matmul_tflops_median']:.1f}), device copy {floor['copy']['bytes'] / 2**30:.2f} GiB "
-        f"{floor['bandwidth_tbs']:.3f} TB/s read+written (median {floor['bandwidth_tbs_median']:.3f})\n"
+        f"{floor['bandwidth_tbs']:.3f} TB/s read+written (median {floor['bandwidth_tbs_median']:.3f})"
     )
-    head = (
-        f"{'path':<12} {'prefill ms':>10} {'TFLOP':>7} {'floor ms':>9} {'x floor':>8} | "
-        f"{'decode ms/tok':>13} {'tok/s':>8} {'floor ms':>9} {'x floor':>8} | {'peak GiB':>8}"
-    )
-    print(head)
-    print("-" * len(head))
-    for name, r in report["paths"].items():
-        if "error" in r:
-            print(f"{name:<12} failed: {r['error']}")
-            continue
-        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+    for depth in report["depths"]:
+        model, counted = depth["model"], depth["counts"]
+        dims = model["preset_dims"]
         print(
-            f"{name:<12} {r['prefill_s'] * 1e3:>10.2f} {r['prefill_flops'] / 1e12:>7.3f} "
-            f"{r['prefill_floor_s'] * 1e3:>9.2f} {r['prefill_x_floor']:>8.2f} | "
-            f"{r['decode_s_per_token'] * 1e3:>13.3f} {r['decode_tokens_per_s'] or math.nan:>8.1f} "
-            f"{r['decode_floor_s_per_token'] * 1e3:>9.3f} {r['decode_x_floor']:>8.2f} | {peak:>8}"
+            f"\n{dims['llm_layers']} LLM + {dims['vit_layers']} ViT layers, "
+            f"{model['parameters'] / 1e9:.3g} B parameters, {model['dtype']}; prompt {model['tiles']} tiles, "
+            f"{model['image_tokens']} image + "
+            f"{model['text_tokens']} text = {model['prompt_tokens']} tokens; "
+            f"{report['args']['new_tokens']} new tokens, greedy"
         )
-    ours, eager = report["paths"]["ours"], report["paths"]["eager"]
-    print(
-        f"\nours vs eager: prefill {eager['prefill_s'] / ours['prefill_s']:.2f}x faster, "
-        f"decode {eager['decode_s_per_token'] / ours['decode_s_per_token']:.2f}x faster"
-    )
-    for name, g in out["greedy_vs_ours"].items():
-        verdict = (
-            f"identical ({report['args']['new_tokens']}/{report['args']['new_tokens']})"
-            if g["identical"]
-            else f"first divergence at token {g['first_divergence']} (ours {g['ours_token']}, "
-            f"{name} {g['their_token']})"
+        print(
+            f"floors: prefill {sum(counted['prefill_flops'].values()) / 1e12:.3f} TFLOP -> "
+            f"{counted['prefill_floor_s'] * 1e3:.2f} ms; decode "
+            f"{sum(counted['decode_weight_bytes'].values()) / 1e9:.2f} GB -> "
+            f"{counted['decode_floor_s_per_token'] * 1e3:.3f} ms/token"
         )
-        print(f"greedy tokens, {name} vs ours: {verdict}")
-    print(
-        f"logits over the prompt's last position + {out['teacher_forced_positions'] - 1} continuation "
-        f"tokens, ours vs eager: max abs diff {out['logits_max_abs_diff']:.4g} (prefill position "
-        f"{out['prefill_logits_max_abs_diff']:.4g}; max |logit| {out['logits_max_abs']:.3g}), mean abs diff "
-        f"{out['logits_mean_abs_diff']:.3g}, top-1 agreement {100 * out['top1_agreement']:.1f}%"
+        head = (
+            f"{'path':<34} {'prefill ms':>10} {'x floor':>8} | {'decode ms/tok':>13} {'tok/s':>8} "
+            f"{'x floor':>8} | {'peak GiB':>8}"
+        )
+        print(head)
+        print("-" * len(head))
+        for name, r in depth["paths"].items():
+            if "error" in r:
+                print(f"{name:<34} failed: {r['error'][:200]}")
+                continue
+            peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f}"
+            print(
+                f"{name:<34} {r['prefill_s'] * 1e3:>10.2f} {r['prefill_x_floor']:>8.2f} | "
+                f"{r['decode_s_per_token'] * 1e3:>13.3f} {r['decode_tokens_per_s'] or math.nan:>8.1f} "
+                f"{r['decode_x_floor']:>8.2f} | {peak:>8}"
+            )
+        ours, theirs = depth["paths"]["ours"], depth["paths"].get("published code", {})
+        if "decode_path" in ours:
+            print(f"ours decodes through: {ours['decode_path']}")
+        if "prefill_s" in theirs and "prefill_s" in ours:
+            print(
+                f"ours vs the published code: prefill {theirs['prefill_s'] / ours['prefill_s']:.2f}x faster, "
+                f"decode {theirs['decode_s_per_token'] / ours['decode_s_per_token']:.2f}x faster"
+            )
+        stages = depth["stages"]
+        line = (
+            f"prefill stages: ours ViT+projector {stages['ours_vit_and_projector_s'] * 1e3:.2f} ms (floor "
+            f"{counted['vit_and_projector_floor_s'] * 1e3:.2f}), "
+            f"LLM {stages['ours_llm_prefill_s'] * 1e3:.2f} ms "
+            f"(floor {counted['llm_prefill_floor_s'] * 1e3:.2f})"
+        )
+        line += f" (on all 32 ViT heads: {stages['ours_vit_and_projector_all_heads_s'] * 1e3:.2f} ms)"
+        if "published_vit_and_projector_s" in stages:
+            line += f"; published ViT+projector {stages['published_vit_and_projector_s'] * 1e3:.2f} ms"
+        print(line)
+        for name, g in depth["greedy_vs_ours"].items():
+            print(
+                f"{model['dtype']} greedy tokens, {name} vs ours: "
+                f"{token_verdict(g, report['args']['new_tokens'])}"
+            )
+        logits = depth["logits_vs_published"]
+        if logits:
+            print(
+                f"{model['dtype']} logits, ours vs the published code, prompt's last position + "
+                f"{logits['positions'] - 1} continuation tokens: max abs diff {logits['max_abs_diff']:.4g} "
+                f"(prefill position "
+                f"{logits['prefill_position_max_abs_diff']:.4g}; max |logit| {logits['max_abs_logit']:.3g}), "
+                f"mean {logits['mean_abs_diff']:.3g}, top-1 agreement {100 * logits['top1_agreement']:.1f}%"
+            )
+    check = report.get("fp32_check")
+    if check:
+        print(
+            f"\nfp32 check, {check['depth']} layers, {check['prompt_tokens']}-token prompt, "
+            f"{check['new_tokens']} new tokens, against ours through transformers' loop:"
+        )
+        for name, g in check["vs_reference"].items():
+            print(f"  {name}: {token_verdict(g, check['new_tokens'])}")
+        for name, t in check["tokens"].items():
+            if isinstance(t, str):
+                print(f"  {name}: failed: {t[:200]}")
+
+
+def token_verdict(g: dict, n: int) -> str:
+    if g["identical"]:
+        return f"identical ({n}/{n})"
+    return (
+        f"first divergence at token {g['first_divergence']} (reference {g['reference_token']}, "
+        f"this path {g['their_token']})"
     )
-    same = "yes" if out["ours_greedy_is_own_argmax"] else "no (bf16: cached and uncached kernels round apart)"
-    print(f"our greedy tokens = the argmax of our own uncached forward at every step: {same}")
 
 
 if __name__ == "__main__":
