@@ -4,15 +4,17 @@
     python scripts/bench_convert.py --depths 1,2 --workers 1,2 --append-doc --json out.json
 
 For each depth K (K LLM and K ViT layers, real widths and vocab, TP=8, bfloat16) and each format,
-it writes a Megatron checkpoint of cheap deterministic data through nvlm-port's own HF -> Megatron
-writer (scripts/conversion_bench/synthetic.py), then, per repeat:
-- the raw I/O floor: a plain copy of every checkpoint byte on the same disk;
+it writes a Megatron checkpoint of seeded random (incompressible) data through nvlm-port's own
+HF -> Megatron writer (scripts/conversion_bench/synthetic.py), then, per repeat:
+- the raw I/O floor: the fastest plain copy of every checkpoint byte on the same disk, of `cat`,
+  `dd bs=64M` and a Python read/write loop (each timed; scripts/conversion_bench/measure.py);
 - `convert-checkpoint megatron-to-hf` as a subprocess, once per `--workers` value;
 - with --hf-to-megatron, `convert-checkpoint hf-to-megatron` of that output back to the format.
 Every timed run starts with the source dropped from the page cache and ends when its output is
 fsynced (scripts/conversion_bench/measure.py); peak memory is the highest sum of RSS over the
 command's process tree. Outputs are deleted after each measurement, the checkpoint after its
 depth and format; the disk must hold one checkpoint and one output at a time (checked first).
+The load average is recorded beside every figure: on a shared machine it is the noise.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ def main(
     )
     click.echo(f"start-up: {startup.describe()}", err=True)
     results: list[report.Result] = []
+    floors: list[dict] = []  # every floor measurement, each method's time
     deadline = Deadline(started, max_minutes)
     try:
         # Format by format, so that a run cut short by --max-minutes still has both depths of the first.
@@ -195,6 +198,7 @@ def main(
                     code,
                     profile,
                     startup.warm_s,
+                    floors,
                 )
                 results += _bench_one(job, slice_sizes[depth], keep_outputs, deadline)
     finally:
@@ -208,6 +212,7 @@ def main(
         + f"Memory target per row: {report.largest_hint(full.largest)}.\n\n"
         + report.projection(results, full.megatron_bytes, full.hf_bytes)
         + report.profiles(results)
+        + _floor_table(floors)
     )
     click.echo("\n" + body)
     command = "python scripts/bench_convert.py " + shlex.join(sys.argv[1:])
@@ -220,6 +225,7 @@ def main(
             "command": command,
             "startup": {"first_s": startup.first_s, "warm_s": startup.warm_s},
             "results": [r.to_json() for r in results],
+            "floors": floors,
         }
         Path(json_path).write_text(json.dumps(payload, indent=1) + "\n")
     if append_doc:
@@ -258,6 +264,7 @@ class Job:
     code: Path  # the nvlm-port tree whose converter runs
     profile: bool
     startup_s: float  # measure.startup_seconds, part of every conversion's wall time
+    floors: list  # each floor measured (appended): what, methods' seconds, load average
 
 
 def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[report.Result]:
@@ -278,8 +285,7 @@ def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[r
     for _ in range(job.repeats):
         if deadline.passed(f"a repeat of K={depth} {fmt}"):
             break
-        seconds, _copied = measure.timed_floor(checkpoint, floor_copy)
-        shutil.rmtree(floor_copy)
+        seconds = _floor(job, f"K={depth} {fmt} megatron-to-hf", checkpoint, floor_copy)
         for w in job.workers:
             if deadline.passed(f"K={depth} {fmt} workers={w}"):
                 break
@@ -296,6 +302,7 @@ def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[r
             ]
             command += ["--no-tokenizer", "--overwrite", "--max-shard-size", job.max_shard_size]
             command += ["--workers", str(w)] if w > 1 else []
+            load = measure.load_average()
             run, cpu = _measured(command, output, job, [checkpoint])
             forward[w].output_bytes = measure.total_bytes(output)
             _record(forward[w], seconds, run, cpu)
@@ -303,7 +310,7 @@ def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[r
                 forward[w].profile = report.top_functions(stats)
             click.echo(
                 f"K={depth} {fmt} workers={w}: {run.wall_s:.1f} s (floor {seconds:.1f} s), "
-                f"peak {run.peak_tree_rss / 2**30:.2f} GiB",
+                f"peak {run.peak_tree_rss / 2**30:.2f} GiB, load {load}",
                 err=True,
             )
             if job.reverse and w == job.workers[0]:
@@ -319,21 +326,45 @@ def _bench_one(job: Job, size, keep_outputs: bool, deadline: Deadline) -> list[r
 def _time_back(job: Job, output: Path, result: report.Result, keep_outputs: bool) -> None:
     """hf-to-megatron of the converted folder; its floor is a plain copy of that folder."""
     back = job.work / "back"
-    seconds, _ = measure.timed_floor(output, back)
-    shutil.rmtree(back)
+    seconds = _floor(job, f"K={job.depth} {job.fmt} hf-to-megatron", output, back)
     command = [job.python, "-m", "converter.cli", "hf-to-megatron", str(output), str(back)]
     command += ["--tp", str(job.tp), "--format", job.fmt, "--overwrite"]
+    load = measure.load_average()
     run, cpu = _measured(command, back, job, [output])
     result.source_bytes = measure.total_bytes(output)
     result.output_bytes = measure.total_bytes(back)
     _record(result, seconds, run, cpu)
     click.echo(
         f"  hf-to-megatron {job.fmt}: {run.wall_s:.1f} s (floor {seconds:.1f} s), "
-        f"peak {run.peak_tree_rss / 2**30:.2f} GiB",
+        f"peak {run.peak_tree_rss / 2**30:.2f} GiB, load {load}",
         err=True,
     )
     if not keep_outputs:
         shutil.rmtree(back)
+
+
+def _floor(job: Job, what: str, source: Path, copy: Path) -> float:
+    """The best plain copy of `source` (cat, dd, Python loop), kept in job.floors; its seconds."""
+    floor = measure.timed_floor(source, copy)
+    job.floors.append({"what": what, "seconds": floor.seconds, "load_average": floor.load_average})
+    click.echo(f"{what}: {floor.describe()}", err=True)
+    return floor.best
+
+
+def _floor_table(floors: list[dict]) -> str:
+    """Each floor measurement: every method's time (the floor is the best of them) and the load."""
+    if not floors:
+        return ""
+    methods = list(measure.FLOOR_METHODS)
+    head = "| floor of | " + " s | ".join(methods) + " s | best | load average (1, 5, 15 min) |\n"
+    head += "|---" * (len(methods) + 3) + "|\n"
+    rows = [
+        f"| {f['what']} | "
+        + " | ".join(f"{f['seconds'][m]:.1f}" for m in methods)
+        + f" | {min(f['seconds'], key=f['seconds'].get)} | {f['load_average']} |"
+        for f in floors
+    ]
+    return "\nFloors (plain copies, cold source, fsynced):\n\n" + head + "\n".join(rows) + "\n"
 
 
 def _record(result: report.Result, floor_s: float, run, cpu: float) -> None:

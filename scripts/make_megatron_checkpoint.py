@@ -8,6 +8,11 @@ with seeded weights that do not depend on the parallel layout (checkpoints of on
 TP/PP hold the same model), and saves it the way Megatron-LM does (see
 modeling/megatron/checkpoint.py). The output appears only when complete: ranks write into a
 temporary sibling folder that is renamed at the end.
+
+Memory: a 72B slice at TP=8 fits a 24 GiB machine (it did not before issue 17): no rank draws a
+whole global tensor (modeling/megatron/weights.fill_seeded_weights draws in blocks of rows, the same
+values bit for bit) and ranks build on the meta device and fill and save in turns
+(modeling/megatron/checkpoint.save_rank).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling.megatron.builder import ParallelLayout  # noqa: E402
-from modeling.megatron.checkpoint import CheckpointJob, save_rank  # noqa: E402
+from modeling.megatron.checkpoint import (  # noqa: E402
+    CheckpointJob,
+    save_rank,
+)
 from modeling.megatron.distributed import run_ranks  # noqa: E402
 from modeling.presets import PRESETS  # noqa: E402
 

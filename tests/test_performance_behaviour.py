@@ -271,3 +271,61 @@ def test_bench_start_up_is_measured_with_a_bytecode_cache(tmp_path):
     env = measure.bytecode_cached_env(dict(os.environ, PYTHONPATH=str(REPO)), tmp_path / "c")
     seconds = measure.startup_seconds(sys.executable, env, REPO, repeats=1)
     assert seconds > 0 and any((tmp_path / "c").rglob("engine*.pyc"))  # the converter was imported
+
+
+def test_bench_floor_is_the_fastest_of_cat_dd_and_a_python_loop(tmp_path):
+    """Each floor method copies every byte (checked here, not timed), the floor is the best of
+    them, and no copy is left behind."""
+    from conversion_bench import measure
+
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.bin").write_bytes(os.urandom(3 * MiB + 5))
+    (source / "sub" / "b.bin").write_bytes(os.urandom(1000))
+    for method in measure.FLOOR_METHODS:
+        copy = tmp_path / method
+        if method == "loop":
+            copied = measure.plain_copy(source, copy)
+        else:
+            copied = measure.tool_copy(method, source, copy)
+        assert copied == 3 * MiB + 1005
+        for file in measure.files_under(source):
+            assert (copy / file.relative_to(source)).read_bytes() == file.read_bytes(), (method, file)
+    floor = measure.timed_floor(source, tmp_path / "floor")
+    assert set(floor.seconds) == set(measure.FLOOR_METHODS) and floor.copied == 3 * MiB + 1005
+    assert floor.best == min(floor.seconds.values()) and floor.best_method in measure.FLOOR_METHODS
+    assert not (tmp_path / "floor").exists()
+    assert len(floor.load_average.split()) == 3
+
+
+def test_bench_synthetic_tensors_are_fresh_incompressible_finite_and_seeded():
+    """No repeated block (a deduplicating or compressing layer could copy those for less), every
+    value finite, the dummy ViT heads zero, the same name giving the same bytes."""
+    import zlib
+
+    config = get_config("tiny", **MEDIUM)
+    table = synthetic.NVLMD.table(config)
+    source = synthetic.SyntheticSource(config, table)
+    name = max(source.shapes, key=lambda n: torch.Size(source.shapes[n]).numel())
+    tensor = source.get(name)
+    assert tensor.dtype == torch.bfloat16 and tuple(tensor.shape) == tuple(source.shapes[name])
+    assert bool(torch.isfinite(tensor).all())
+    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert len(data) >= 4 * MiB and data[:MiB] != data[MiB : 2 * MiB]
+    assert len(zlib.compress(data, 1)) > 0.9 * len(data)
+    assert torch.equal(source.get(name).view(torch.int16), tensor.view(torch.int16))
+    twins = [n for n in source.shapes if n != name and source.shapes[n] == source.shapes[name]]
+    for twin in twins[:1]:  # another tensor of the same shape: other bytes
+        assert not torch.equal(source.get(twin).view(torch.int16), tensor.view(torch.int16))
+    padded = [n for n in source.shapes if n in source._padded_heads]
+    assert padded, "the tiny slice has padded ViT heads"
+    for head_name in padded:
+        transform = source._padded_heads[head_name]
+        values = source.get(head_name)
+        if isinstance(transform, synthetic.ViTQKV):
+            dummy = values.view(3, transform.hf_heads, transform.head_dim, -1)[:, transform.real_heads :]
+        else:
+            dummy = values.view(values.shape[0], transform.hf_heads, transform.head_dim)[
+                :, transform.real_heads :
+            ]
+        assert dummy.numel() and not dummy.any()

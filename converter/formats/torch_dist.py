@@ -8,8 +8,10 @@
 Tensors are global (no per-rank split); homogeneous layers are stacked on a leading axis
 (`language_model.decoder.layers.mlp.linear_fc1.weight` is [layers, 2*ffn, hidden]). The reader
 names each layer separately (`...decoder.layers.7.mlp.linear_fc1.weight`) and reads one layer
-slice at a time through torch.distributed.checkpoint's own planner machinery, which fetches only
-the chunks that overlap the slice.
+slice at a time: the bytes of the chunks that overlap the slice go straight from the .distcp files
+into the slice's tensor (formats/dcp_direct.py); a chunk stored in a way that reader does not
+handle is read through torch.distributed.checkpoint's own planner machinery instead, which also
+fetches only the chunks that overlap the slice.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +34,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ..errors import ConversionError
-from . import safe_pickle
+from . import dcp_direct, safe_pickle
 from .legacy import find_iteration_dir, parallel_sizes
 from .read_ahead import FileRange, ReadAhead
 
@@ -82,6 +85,8 @@ class TorchDistCheckpoint:
     files: list[Path] = field(default_factory=list)  # every file of the iteration folder
     storage: dict = field(default_factory=dict)  # DCP MetadataIndex -> (relative path, offset, length)
     metadata: object = field(default=None, repr=False)  # DCP Metadata, read once (not at every read)
+    chunk_info: dict = field(default_factory=dict, repr=False)  # (key, chunk offsets) -> _StorageInfo
+    _located: dict = field(default_factory=dict, repr=False)  # (key, offsets) -> StoredChunk or None
     _ahead: tuple | None = field(default=None, repr=False)  # (ReadAhead, name -> position) once ordered
 
     format = "torch_dist"
@@ -117,6 +122,54 @@ class TorchDistCheckpoint:
         else:
             dest = torch.empty((1, *full[1:]), dtype=meta.properties.dtype)
             offsets = (layer,) + (0,) * (len(full) - 1)
+        if not self._read_direct(name, key, meta, offsets, dest):
+            self._read_through_dcp(name, key, offsets, dest)
+        return dest[0] if layer is not None else dest
+
+    def _read_direct(self, name: str, key: str, meta, offsets: tuple[int, ...], dest: torch.Tensor) -> bool:
+        """dest (the region of `key` at `offsets`) read chunk by chunk with dcp_direct; False when
+        a chunk it needs is stored in a way dcp_direct leaves to DCP."""
+        wanted = [(chunk, self._locate(name, key, meta, chunk)) for chunk in meta.chunks]
+        regions = []
+        for chunk, stored in wanted:
+            region = _overlap(offsets, tuple(dest.shape), tuple(chunk.offsets), tuple(chunk.sizes))
+            if region is None:
+                continue
+            if stored is None:
+                return False
+            regions.append((stored, region))
+        handles: dict[Path, int] = {}
+        try:
+            for stored, (inside_chunk, inside_dest, lengths) in regions:
+                fd = handles.get(stored.path)
+                if fd is None:
+                    fd = handles[stored.path] = os.open(stored.path, os.O_RDONLY)
+                view = dest
+                for dim, (begin, length) in enumerate(zip(inside_dest, lengths)):
+                    view = view.narrow(dim, begin, length)
+                dcp_direct.read_region(stored, inside_chunk, view, fd)
+        except OSError as exc:
+            raise ConversionError(f"{self.iteration_dir}: cannot read {name} ({exc})") from None
+        finally:
+            for fd in handles.values():
+                os.close(fd)
+        return True
+
+    def _locate(self, name: str, key: str, meta, chunk):
+        """Where a chunk's data lies (dcp_direct.locate), once per chunk."""
+        place = (key, tuple(chunk.offsets))
+        if place not in self._located:
+            info = self.chunk_info[place]
+            self._located[place] = dcp_direct.locate(
+                self.iteration_dir / info.relative_path,
+                info,
+                tuple(chunk.sizes),
+                meta.properties.dtype,
+                f"{name} (chunk {list(chunk.offsets)})",
+            )
+        return self._located[place]
+
+    def _read_through_dcp(self, name: str, key: str, offsets: tuple[int, ...], dest: torch.Tensor) -> None:
         try:
             with warnings.catch_warnings():  # no_dist=True is what we mean: DCP warns about it regardless
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -128,7 +181,6 @@ class TorchDistCheckpoint:
                 )
         except (Exception, CheckpointException) as exc:  # DCP's own exception is a BaseException
             raise ConversionError(self._read_failure(name, key, exc)) from None
-        return dest[0] if layer is not None else dest
 
     def read_order(self, names: list[str]) -> None:
         """The tensors about to be read, in order: the .distcp byte ranges of their chunks are read
@@ -201,6 +253,7 @@ def read(root: Path, *, iteration: int | None = None, trust_pickle: bool = False
     ckpt.generation = generation
     ckpt.files = sorted(p for p in iteration_dir.iterdir() if p.is_file())
     stored = {(index.fqn, tuple(index.offset or ())): info for index, info in storage.items()}
+    ckpt.chunk_info = stored
     for key, meta in state_meta.items():
         if not isinstance(meta, TensorStorageMetadata) or key.startswith(IGNORED_PREFIXES):
             continue  # _extra_state and other byte objects; optimizer state is never read
@@ -253,6 +306,20 @@ def _common_state(iteration_dir: Path, state_meta: dict, storage: dict, trust_pi
     if isinstance(state, (list, tuple)) and len(state) == 1:
         state = state[0]
     return state, Path(where), "megatron-core >= 0.19 (common_state in DCP)"
+
+
+def _overlap(offsets, lengths, chunk_offsets, chunk_sizes):
+    """The part of the region (offsets, lengths) inside a chunk, as (start in the chunk, start in
+    the region, lengths), or None when they do not meet."""
+    inside_chunk, inside_region, common = [], [], []
+    for at, length, chunk_at, chunk_size in zip(offsets, lengths, chunk_offsets, chunk_sizes):
+        low, high = max(at, chunk_at), min(at + length, chunk_at + chunk_size)
+        if low >= high:
+            return None
+        inside_chunk.append(low - chunk_at)
+        inside_region.append(low - at)
+        common.append(high - low)
+    return tuple(inside_chunk), tuple(inside_region), tuple(common)
 
 
 def _check_chunks(metadata_path: Path, key: str, meta, stored: dict) -> None:

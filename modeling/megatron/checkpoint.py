@@ -17,12 +17,17 @@ tensors (`te_names`), which is exactly the state dict TE would have produced for
 
 from __future__ import annotations
 
-import contextlib
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# the folder layout of the legacy format has one home: the converter's reader/writer
+from converter.formats import legacy
+from converter.formats.legacy import write_tracker  # noqa: F401  (re-exported for the scripts)
 
 CHECKPOINT_VERSION = 3.0
 
@@ -38,14 +43,6 @@ _TE_RENAMES = (
 )
 # What Transformer Engine stores as a module's extra state when FP8 is off: an empty byte tensor.
 _TE_EMPTY_EXTRA_STATE = torch.empty(0, dtype=torch.uint8)
-
-
-def iteration_dir(root: Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
 def te_names(state_dict: dict) -> dict:
@@ -77,15 +74,11 @@ def local_names(state_dict: dict) -> dict:
     return out
 
 
-def write_tracker(root: Path, iteration: int) -> None:
-    (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
-
-
 def save_legacy(model, root: Path, args, *, iteration: int, tp_rank: int, pp_rank: int, spec: str) -> Path:
     state = model.state_dict_for_save_checkpoint()
     if spec == "te":
         state = te_names(state)
-    path = iteration_dir(root, iteration) / rank_dir_name(tp_rank, pp_rank, args.pipeline_model_parallel_size)
+    path = legacy.rank_dir(root, iteration, tp_rank, pp_rank, args.pipeline_model_parallel_size)
     path.mkdir(parents=True, exist_ok=True)
     target = path / "model_optim_rng.pt"
     torch.save(
@@ -101,7 +94,7 @@ def save_torch_dist(model, root: Path, args, *, iteration: int, spec: str) -> Pa
     sharded = model.sharded_state_dict()
     if spec == "te":
         sharded = _renamed_sharded(sharded)
-    path = iteration_dir(root, iteration)
+    path = Path(root) / legacy.iteration_name(iteration)
     path.mkdir(parents=True, exist_ok=True)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": sharded}
     dist_checkpointing.save(state, str(path))
@@ -140,9 +133,8 @@ def load_legacy_state(
 
     root = Path(root)
     if iteration is None:
-        iteration = (root / "latest_checkpointed_iteration.txt").read_text().strip()
-    folder = root / "release" if iteration == "release" else iteration_dir(root, int(iteration))
-    path = folder / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+        iteration = (root / legacy.TRACKER).read_text().strip()
+    path = legacy.rank_dir(root, iteration, tp_rank, pp_rank, pp) / "model_optim_rng.pt"
     state = safe_pickle.load(path, trust_pickle=trust_pickle, mmap=False)["model"]
     return local_names(state)
 
@@ -165,7 +157,12 @@ class CheckpointJob:
 
 
 def save_rank(rank: int, job: CheckpointJob) -> dict:
-    """Build this rank's model, fill it with the seeded weights, save its part of the checkpoint."""
+    """Build this rank's model, fill it with the seeded weights, save its part of the checkpoint
+    (scripts/make_megatron_checkpoint.py), in bounded memory: the model is built on the meta device
+    and a rank allocates its tensors only when it fills and saves them; for the legacy format (each
+    rank writes its own file) only as many ranks as CPU cores do so at a time (filling is CPU-bound),
+    each freeing its tensors once its file is written. torch_dist's save is collective: all ranks
+    hold their shard then, never a global tensor (weights.fill_seeded_weights draws in blocks)."""
     from megatron.core import parallel_state
 
     from ..presets import get_config, tokenizer_size
@@ -180,7 +177,7 @@ def save_rank(rank: int, job: CheckpointJob) -> dict:
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     vocab = tokenizer_size(job.preset)
     padded = padded_vocab_size(vocab, layout.tp, job.divisible_by)
-    with torch.device("meta") if job.shapes_only else contextlib.nullcontext():
+    with torch.device("meta"):  # allocated when filled
         model = build_llava(
             config,
             layout,
@@ -191,8 +188,7 @@ def save_rank(rank: int, job: CheckpointJob) -> dict:
             dtype=dtype,
             cpu=not torch.cuda.is_available(),
         )
-    if not job.shapes_only:
-        fill_seeded_weights(model, config, vocab_real=vocab, seed=job.seed)
+    parameters = sum(p.numel() for p in model.parameters())
     args = megatron_args(
         config,
         layout,
@@ -203,18 +199,56 @@ def save_rank(rank: int, job: CheckpointJob) -> dict:
         tokenizer_vocab=vocab,
     )
     args.seed = job.seed
+
+    def fill():
+        if not job.shapes_only:
+            materialise(model)
+            fill_seeded_weights(model, config, vocab_real=vocab, seed=job.seed)
+
     if job.fmt == "torch":
-        save_legacy(
-            model,
-            Path(job.out),
-            args,
-            iteration=job.iteration,
-            tp_rank=tp_rank,
-            pp_rank=pp_rank,
-            spec=job.spec,
-        )
+        for turn in _turns(rank, layout.world_size):
+            if turn:
+                fill()
+                save_legacy(
+                    model,
+                    Path(job.out),
+                    args,
+                    iteration=job.iteration,
+                    tp_rank=tp_rank,
+                    pp_rank=pp_rank,
+                    spec=job.spec,
+                )
+                model = None  # this rank's tensors freed before the next ranks fill theirs
     else:
+        fill()
         save_torch_dist(model, Path(job.out), args, iteration=job.iteration, spec=job.spec)
     if rank == 0:
         write_tracker(Path(job.out), job.iteration)
-    return {"padded_vocab_size": padded, "parameters": sum(p.numel() for p in model.parameters())}
+    return {"padded_vocab_size": padded, "parameters": parameters}
+
+
+def _turns(rank: int, world_size: int):
+    """Yields once per turn, True on this rank's: as many ranks per turn as CPU cores, a barrier
+    between turns."""
+    import torch.distributed as dist
+
+    at_once = max(1, min(world_size, os.cpu_count() or 1))
+    for turn in range(math.ceil(world_size / at_once)):
+        yield rank // at_once == turn
+        dist.barrier()
+
+
+def materialise(model) -> None:
+    """The meta-device model's parameters as (uninitialised) CPU tensors, each keeping the
+    attributes Megatron put on it (tensor_model_parallel, partition_dim, ...)."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or not param.is_meta:
+                continue
+            real = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype), param.requires_grad)
+            real.__dict__.update(param.__dict__)
+            module._parameters[name] = real
+    stored = {name for name, _ in model.named_buffers() if name in model.state_dict()}
+    left = [name for name, buffer in model.named_buffers() if buffer.is_meta and name in stored]
+    if left:  # a saved buffer would need its value computed at build time: not on meta
+        raise RuntimeError(f"buffers without values after a meta-device build: {left[:4]}")

@@ -13,6 +13,7 @@ needed except for the padded tensors.
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 
@@ -28,8 +29,15 @@ _VOCAB = re.compile(r"^language_model\.(embedding\.word_embeddings|output_layer)
 
 def _draw(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """A float32 tensor for `name`: norms near 1, layer scales near 0.5, the rest small."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    noise = torch.randn(shape, generator=generator)
+    return _scaled(name, torch.randn(shape, generator=_generator(name, seed)))
+
+
+def _generator(name: str, seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _scaled(name: str, noise: torch.Tensor) -> torch.Tensor:
+    """Elementwise, so a tensor drawn in blocks gets the same values."""
     if name.endswith(("layernorm.weight", "layer_norm_weight", "norm.weight")):
         return 1.0 + 0.1 * noise
     if name.endswith(("ls1", "ls2")):
@@ -89,12 +97,82 @@ def global_tensor(name: str, param: torch.Tensor, config, vocab_real: int, seed:
     return _draw(name, tuple(shape), seed)
 
 
+BLOCK_VALUES = 1 << 22  # float32 values drawn at a time (16 MiB), a multiple of 16
+
+
 @torch.no_grad()
-def fill_seeded_weights(model, config, *, vocab_real: int, seed: int) -> None:
-    """Overwrite every parameter of this rank's model with its piece of the seeded global tensor."""
+def fill_seeded_weights(model, config, *, vocab_real: int, seed: int, block_values: int = BLOCK_VALUES):
+    """Overwrite every parameter of this rank's model with its piece of the seeded global tensor
+    (`global_tensor`), without the global tensor in memory: matrices are drawn in blocks of rows
+    from the same generator and each rank keeps its piece of each block. torch's CPU randn of a
+    tensor equals the concatenation of randn of consecutive row blocks when every block but the
+    last holds a multiple of 16 values (its Box-Muller runs in blocks of 16), so the values are
+    bit for bit those of cutting the whole tensor (tests/test_checkpoint_maker_memory.py); the
+    72B embedding alone is 5 GB in float32. Vectors (norms, biases: small) are cut from it."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     for local_name, param in model.named_parameters():
         name = global_name(model, local_name)
-        whole = global_tensor(name, param, config, vocab_real, seed)
-        param.copy_(_shard(whole, param, tp, rank).to(param.dtype))
+        drawn = _drawn_matrix(name, param, config, vocab_real, tp)
+        if drawn is None:
+            whole = global_tensor(name, param, config, vocab_real, seed)
+            param.copy_(_shard(whole, param, tp, rank).to(param.dtype))
+            continue
+        _fill_blockwise(name, param, drawn, seed, tp, rank, block_values)
+
+
+def _drawn_matrix(name: str, param, config, vocab_real: int, tp: int):
+    """(drawn rows, drawn columns, global rows, global columns) of a 2-D parameter's global tensor
+    as global_tensor makes it (drawn values, then zero padding after the drawn rows or
+    columns), or None for anything else."""
+    shape = _global_shape(param, tp)
+    if len(shape) != 2:
+        return None
+    rows, cols = shape
+    vit = config.vision_config
+    if _VIT_QKV.match(name):  # (real heads, 3, head_dim, cols) padded with zero heads
+        return vit.num_attention_heads * 3 * vit.head_dim, cols, rows, cols
+    if _VIT_PROJ.match(name):
+        return rows, vit.num_attention_heads * vit.head_dim, rows, cols
+    if _VOCAB.match(name):
+        return vocab_real, cols, rows, cols
+    if _VIT_QK_NORM.match(name):
+        return None
+    return rows, cols, rows, cols
+
+
+def _fill_blockwise(name, param, drawn, seed, tp, rank, block_values):
+    drawn_rows, drawn_cols, rows, cols = drawn
+    # The global indices along the partitioned dim that this rank holds, in its order: the same
+    # cut as _shard, applied to an index tensor.
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) and tp > 1 else None
+    if dim is not None:
+        along = rows if dim == 0 else cols
+        index_shape = [1, 1]
+        index_shape[dim] = along
+        held = _shard(torch.arange(along).reshape(index_shape), param, tp, rank).flatten()
+    generator = _generator(name, seed)
+    unit = 16 // math.gcd(drawn_cols, 16)  # rows: every block but the last holds a multiple of 16 values
+    step = max(unit, block_values // drawn_cols // unit * unit)
+    start = 0
+    while start < drawn_rows:
+        stop = min(start + step, drawn_rows)
+        if (drawn_rows - stop) * drawn_cols < 16:  # a short last block would be drawn differently
+            stop = drawn_rows
+        block = _scaled(name, torch.randn((stop - start, drawn_cols), generator=generator))
+        if drawn_cols < cols:
+            block = torch.cat([block, block.new_zeros(stop - start, cols - drawn_cols)], dim=1)
+        block = block.to(param.dtype)
+        if dim is None:
+            param[start:stop] = block
+        elif dim == 1:
+            param[start:stop] = block[:, held]
+        else:
+            inside = (held >= start) & (held < stop)
+            param[inside.nonzero().flatten()] = block[held[inside] - start]
+        start = stop
+    if drawn_rows < rows:  # padding rows (dummy heads, padded vocabulary) are zero
+        if dim == 0:
+            param[(held >= drawn_rows).nonzero().flatten()] = 0
+        else:
+            param[drawn_rows:] = 0

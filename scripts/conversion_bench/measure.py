@@ -1,6 +1,11 @@
 """Measurements for the conversion benchmark: page-cache state, the raw I/O floor, and a command's
 wall time and peak resident memory summed over its whole process tree.
 
+The floor is the fastest plain copy of the same bytes that can be measured on the disk: `cat`,
+`dd` with 64 MiB blocks and a Python read/write loop of 16 MiB blocks each copy every source
+file, cold and fsynced like a conversion, and the fastest of the three is the floor (on a small
+shared machine a Python loop alone can be half as fast as `cat`, which flatters a converter).
+
 Cache state: before every timed run (floor or conversion) the source files are flushed and dropped
 from the page cache with posix_fadvise(DONTNEED) (per file: no root needed, nothing else evicted),
 so each run reads from the disk. Writes count until they are on the disk: after the run, the
@@ -11,6 +16,7 @@ conversion are timed this way.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import threading
@@ -61,6 +67,15 @@ def sync_files(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other users of a shared machine show here)."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return " ".join(loadavg.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def plain_copy(source: Path, destination: Path) -> int:
@@ -187,11 +202,69 @@ def startup_seconds(python: str, env: dict, cwd: Path, repeats: int = 3) -> floa
     return statistics.median(times)
 
 
-def timed_floor(source: Path, destination: Path) -> tuple[float, int]:
-    """The raw I/O floor: a plain copy of every source byte on the same disk, cold source cache,
-    fsynced. Returns (seconds, bytes)."""
+def tool_copy(tool: str, source: Path, destination: Path) -> int:
+    """Copy every file under `source` into `destination` with `cat` or `dd bs=64M`, one process
+    per file (their start is part of the time, as a conversion's is). Returns bytes copied."""
+    source, destination = Path(source), Path(destination)
+    copied = 0
+    for file in files_under(source):
+        target = destination / file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tool == "cat":
+            with open(target, "wb") as out:
+                subprocess.run(["cat", str(file)], stdout=out, check=True)
+        else:
+            subprocess.run(["dd", f"if={file}", f"of={target}", "bs=64M", "status=none"], check=True)
+        copied += file.stat().st_size
+    return copied
+
+
+FLOOR_METHODS = ("cat", "dd", "loop")
+
+
+@dataclass
+class Floor:
+    """One measurement of the floor: each method's seconds (cold source, fsynced output)."""
+
+    seconds: dict[str, float]
+    copied: int
+    load_average: str  # before the first method
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds.values())
+
+    @property
+    def best_method(self) -> str:
+        return min(self.seconds, key=self.seconds.get)
+
+    def describe(self) -> str:
+        each = ", ".join(f"{name} {s:.1f}" for name, s in self.seconds.items())
+        return f"floor {self.best:.1f} s ({each}; load {self.load_average})"
+
+
+def timed_copy(method: str, source: Path, destination: Path) -> tuple[float, int]:
+    """One plain copy of every source byte on the same disk, cold source cache, fsynced; the copy
+    is deleted afterwards. Returns (seconds, bytes)."""
     drop_from_page_cache(source)
     start = time.perf_counter()
-    copied = plain_copy(source, destination)
+    if method == "loop":
+        copied = plain_copy(source, destination)
+    else:
+        copied = tool_copy(method, source, destination)
     sync_files(destination)
-    return time.perf_counter() - start, copied
+    seconds = time.perf_counter() - start
+    if Path(destination).is_dir():
+        shutil.rmtree(destination)
+    else:
+        Path(destination).unlink()
+    return seconds, copied
+
+
+def timed_floor(source: Path, destination: Path, methods=FLOOR_METHODS) -> Floor:
+    """The raw I/O floor: every method of `methods` once (see the module docstring)."""
+    load = load_average()
+    seconds, copied = {}, 0
+    for method in methods:
+        seconds[method], copied = timed_copy(method, source, destination)
+    return Floor(seconds, copied, load)

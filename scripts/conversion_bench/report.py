@@ -1,5 +1,5 @@
-"""The benchmark's table, its check against issue 8's targets, the full-model projection, and the
-section appended to docs/PERFORMANCE.md."""
+"""The benchmark's table, its check against issue 17's target (wall <= 1.1 x the fastest plain
+copy), the full-model projection, and the section appended to docs/PERFORMANCE.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GIB = 2**30
-TIME_TARGET = 1.25  # wall <= 1.25 x the raw I/O floor
+TIME_TARGET = 1.1  # wall <= 1.1 x the raw I/O floor (the best of cat / dd / a Python loop)
 FULL_LLM_LAYERS, FULL_VIT_LAYERS = 80, 45
 
 

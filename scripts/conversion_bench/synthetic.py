@@ -2,9 +2,12 @@
 deterministic data and written as Megatron checkpoints through the project's own HF -> Megatron
 writers, without building a Megatron model and without an HF folder on disk.
 
-Each HF tensor is a block of 2**20 seeded normal values (the seed from its name) repeated to its
-size, in bfloat16, with the dummy ViT heads exactly zero as in the release (the converter checks
-that they are). Conversion cost does not depend on the values, so repetition is fair.
+Each HF tensor is fresh seeded random bits (the seed from its name; numpy's SFC64, a fast
+generator) with the second-highest bit of every value cleared, which keeps every float finite
+(exponent below the bias: magnitudes under 2) and the data incompressible, so that no layer
+below the converter (a compressing or deduplicating disk, the page cache's zero pages) can make a
+copy cheaper than it is for a real checkpoint. The dummy ViT heads are exactly zero as in the
+release (the converter checks that they are). Conversion cost does not depend on the values.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from converter.families import NVLMD
@@ -22,7 +26,6 @@ from mappings.transforms import ViTProj, ViTQKV
 from modeling.presets import get_config, tokenizer_size
 
 PRESET = "nvlm-d-72b"
-BLOCK = 1 << 20
 
 
 def slice_config(depth: int):
@@ -53,23 +56,25 @@ class SyntheticSource:
 
     def get(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
-        numel = math.prod(shape)
-        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        block = torch.randn(min(numel, BLOCK), generator=generator).to(self.dtype)
-        flat = torch.empty(numel, dtype=self.dtype)
-        flat[: block.numel()] = block
-        filled = block.numel()
-        while filled < numel:  # doubling copies: memcpy speed
-            step = min(filled, numel - filled)
-            flat[filled : filled + step] = flat[:step]
-            filled += step
-        tensor = flat.view(shape)
+        tensor = random_floats(math.prod(shape), self.dtype, zlib.crc32(name.encode())).view(shape)
         transform = self._padded_heads.get(name)
         if isinstance(transform, ViTQKV):
             tensor.view(3, transform.hf_heads, transform.head_dim, -1)[:, transform.real_heads :] = 0
         elif isinstance(transform, ViTProj):
             tensor.view(shape[0], transform.hf_heads, transform.head_dim)[:, transform.real_heads :] = 0
         return tensor
+
+
+_FINITE_MASKS = {2: np.uint16(0xBFFF), 4: np.uint32(0xBFFFFFFF), 8: np.uint64(0xBFFFFFFFFFFFFFFF)}
+
+
+def random_floats(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """`numel` finite floats of `dtype` from random bits (see the module docstring)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    words = np.random.SFC64(seed).random_raw((numel * size + 7) // 8)
+    bits = words.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[size])[:numel]
+    bits &= _FINITE_MASKS[size]  # in place: exponent's top bit 0, so neither inf nor NaN
+    return torch.from_numpy(bits).view(dtype)
 
 
 def write_checkpoint(folder: Path, config, fmt: str, tp: int = 8, tokenizer_vocab: int | None = None) -> None:
