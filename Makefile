@@ -34,12 +34,13 @@ venv-tf4: $(TF4)/.installed
 
 # Whole test files go to each of TEST_WORKERS processes (pytest-xdist --dist loadfile): module
 # fixtures are built once, and half the suite's time is imports, subprocesses and I/O that two cores
-# overlap. TEST_WORKERS=0 runs it in one process.
+# overlap. --no-loadscope-reorder: files go out in the order tests/conftest.py gives (longest first),
+# not by their number of tests. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed $(TF4)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
